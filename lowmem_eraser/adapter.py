@@ -1,0 +1,222 @@
+"""Eraser adapters on a diffusers CogVideoX transformer, attached by forward hooks.
+
+The published T2VUnlearning code wraps `attn1` in a new module, which renames every base weight. A forward
+hook on `attn1` gives the same numbers, keeps the base state dict untouched and can be removed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import LowmemEraserError
+
+COGVIDEOX_ERASER_KEY = "transformer_blocks.{}.attn1.adapter"
+_ATTR = "_lowmem_erasers"  # plain attribute on the transformer: never a registered submodule
+
+
+class EraserAdapter(nn.Module):
+    """The published residual adapter: `x + up(GELU(down(x)))`, exact erf GELU, `up` zero-initialised."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.act = nn.GELU()
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """`up(GELU(down(x)))` computed in x's dtype from the fp32 master weights (casts are differentiable)."""
+        h = F.linear(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype))
+        return F.linear(F.gelu(h), self.up.weight.to(x.dtype), self.up.bias.to(x.dtype))
+
+
+class EraserSet(nn.ModuleDict):
+    """Adapters keyed by their published names (`transformer_blocks.{i}.attn1.adapter`).
+
+    Stored as nested modules so that `state_dict()` keys are exactly the flat published keys
+    (`transformer_blocks.0.attn1.adapter.down.weight`, ...). Also holds the runtime switches that every
+    hook reads: `enabled` (False for the frozen "original" pass) and `scale` (inference strength).
+    """
+
+    def __init__(self, adapters: dict[str, EraserAdapter]):
+        super().__init__()
+        self._names = list(adapters)
+        for name, adapter in adapters.items():
+            *path, leaf = name.split(".")
+            parent: nn.Module = self
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.ModuleDict())
+                parent = parent._modules[part]
+            parent.add_module(leaf, adapter)
+        self.enabled = True
+        self.scale = 1.0
+
+    def __getitem__(self, name: str) -> EraserAdapter:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.get_submodule(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def keys(self):
+        return list(self._names)
+
+    def values(self):
+        return [self[name] for name in self._names]
+
+    def items(self):
+        return [(name, self[name]) for name in self._names]
+
+    @property
+    def dim(self) -> int:
+        return self.values()[0].down.in_features
+
+    @property
+    def rank(self) -> int:
+        return self.values()[0].down.out_features
+
+    @contextlib.contextmanager
+    def state(self, enabled: bool, scale: float):
+        """Temporarily set the runtime switches (used for the frozen pass and for checkpoint replay)."""
+        saved = (self.enabled, self.scale)
+        self.enabled, self.scale = enabled, scale
+        try:
+            yield
+        finally:
+            self.enabled, self.scale = saved
+
+    def checkpoint(self, module: nn.Module, *args):
+        """Gradient-checkpoint `module`, replaying at recomputation the switches seen at forward.
+
+        Without the replay, toggling `enabled` or `scale` between forward and backward makes the recomputed
+        block differ from the original one: a CheckpointError, or silently wrong gradients.
+        """
+
+        def context_fn():
+            return contextlib.nullcontext(), self.state(self.enabled, self.scale)
+
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+    checkpoint.replays_eraser_state = True
+
+
+def get_erasers(transformer: nn.Module) -> EraserSet | None:
+    """The EraserSet attached to `transformer`, or None."""
+    return transformer.__dict__.get(_ATTR)
+
+
+def _require_erasers(transformer: nn.Module) -> EraserSet:
+    erasers = get_erasers(transformer)
+    if erasers is None:
+        raise LowmemEraserError("no erasers are attached to this transformer; call attach_erasers first")
+    return erasers
+
+
+def _cogvideox_blocks(transformer: nn.Module) -> list[nn.Module]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None or not all(hasattr(block, "attn1") for block in blocks):
+        raise LowmemEraserError(
+            f"{type(transformer).__name__} is not a CogVideoX transformer: expected `transformer_blocks` of "
+            "blocks with an `attn1` attention"
+        )
+    return list(blocks)
+
+
+def _attention_dim(attn: nn.Module) -> int:
+    return attn.to_q.in_features
+
+
+def _attention_device(attn: nn.Module) -> torch.device:
+    return next(t.device for t in [*attn.parameters(), *attn.buffers()])
+
+
+def _adapter_hook(erasers: EraserSet, adapter: EraserAdapter, module, args, output):
+    """Add the adapter's delta to the video output of `attn1` (before the block's gate and residual)."""
+    if not erasers.enabled or erasers.scale == 0:
+        return None
+    video, text = output
+    if adapter.down.weight.device != video.device:
+        erasers.to(video.device)  # in place: parameter identity (and optimizer state) is kept
+    return apply_adapter(adapter, video, erasers.scale), text
+
+
+def apply_adapter(adapter: EraserAdapter, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x + scale * adapter.delta(x)` in x's dtype."""
+    return x + scale * adapter.delta(x)
+
+
+def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args, kwargs):
+    """Route the transformer's block checkpointing through `erasers.checkpoint` unless it already replays."""
+    if getattr(transformer, "gradient_checkpointing", False):
+        current = getattr(transformer, "_gradient_checkpointing_func", None)
+        if not getattr(current, "replays_eraser_state", False):
+            transformer._gradient_checkpointing_func = erasers.checkpoint
+
+
+def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
+    """Attach one fp32 EraserAdapter per `CogVideoXBlock.attn1`; returns them keyed by published name."""
+    if get_erasers(transformer) is not None:
+        raise LowmemEraserError("erasers are already attached to this transformer; call detach_erasers first")
+    if not isinstance(rank, int) or rank <= 0:
+        raise LowmemEraserError(f"eraser rank must be a positive integer, got {rank!r}")
+    blocks = _cogvideox_blocks(transformer)
+    adapters = {}
+    for i, block in enumerate(blocks):
+        adapter = EraserAdapter(_attention_dim(block.attn1), rank)
+        adapters[COGVIDEOX_ERASER_KEY.format(i)] = adapter.to(device=_attention_device(block.attn1), dtype=torch.float32)
+    erasers = EraserSet(adapters)
+    handles = [
+        block.attn1.register_forward_hook(functools.partial(_adapter_hook, erasers, adapter))
+        for block, adapter in zip(blocks, erasers.values())
+    ]
+    handles.append(
+        transformer.register_forward_pre_hook(
+            functools.partial(_install_checkpoint_replay, erasers), with_kwargs=True
+        )
+    )
+    erasers._hook_handles = handles
+    transformer.__dict__[_ATTR] = erasers
+    return erasers
+
+
+def detach_erasers(transformer: nn.Module) -> EraserSet:
+    """Remove the hooks and restore the plain model; returns the detached adapters."""
+    erasers = _require_erasers(transformer)
+    for handle in erasers._hook_handles:
+        handle.remove()
+    del transformer.__dict__[_ATTR]
+    if getattr(transformer, "_gradient_checkpointing_func", None) == erasers.checkpoint:
+        transformer.enable_gradient_checkpointing()  # back to diffusers' default function
+    return erasers
+
+
+@contextlib.contextmanager
+def erasers_disabled(transformer: nn.Module):
+    """Run the original (frozen) model: every adapter off inside the block."""
+    erasers = _require_erasers(transformer)
+    with erasers.state(False, erasers.scale):
+        yield
+
+
+def set_eraser_scale(transformer: nn.Module, scale: float) -> None:
+    """Set the eraser strength used at inference (1.0 = as trained, 0.0 = off)."""
+    _require_erasers(transformer).scale = float(scale)

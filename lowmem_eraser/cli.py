@@ -1,0 +1,81 @@
+"""The `lowmem-eraser` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import LowmemEraserError
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .serialization import read_erasers
+
+    eraser = read_erasers(args.path)
+    dims = sorted(set(eraser.dims.values()))
+    params = sum(t.numel() for inners in eraser.state.values() for t in inners.values())
+    print(f"file:       {eraser.weights_path}")
+    print(f"family:     {eraser.family}")
+    print(f"blocks:     {len(eraser.state)}")
+    print(f"dim:        {', '.join(map(str, dims))}")
+    print(f"rank:       {eraser.rank}")
+    print(f"dtype:      {str(eraser.dtype).removeprefix('torch.')}")
+    print(f"parameters: {params:,}")
+    if eraser.config is not None:
+        print(f"config:     {eraser.config}")
+    if eraser.sidecar and eraser.sidecar.get("metadata"):
+        print(f"metadata:   {eraser.sidecar['metadata']}")
+    print(f"{'block':<48} {'|down.W|':>10} {'|up.W|':>10} {'|up.b|':>10}")
+    zero_blocks = 0
+    for name, inners in eraser.state.items():
+        norms = [inners[key].float().norm().item() for key in ("down.weight", "up.weight", "up.bias")]
+        is_zero = norms[1] == 0.0 and norms[2] == 0.0
+        zero_blocks += is_zero
+        flag = "  still zero: no effect" if is_zero else ""
+        print(f"{name:<48} {norms[0]:>10.4g} {norms[1]:>10.4g} {norms[2]:>10.4g}{flag}")
+    if zero_blocks:
+        print(f"{zero_blocks} of {len(eraser.state)} blocks are exactly zero (untrained)")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .serialization import CONFIG_JSON, read_erasers, write_config, write_weights
+
+    eraser = read_erasers(args.src)
+    dst = Path(args.dst)
+    if dst.suffix not in (".pt", ".safetensors"):
+        raise LowmemEraserError(f"{dst}: destination must be a file ending in .pt or .safetensors")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_weights(eraser.state, dst)
+    if not (dst.parent / CONFIG_JSON).exists():
+        write_config(dst.parent, eraser.rank)
+    print(f"wrote {dst} ({eraser.family}, {len(eraser.state)} blocks, rank {eraser.rank})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowmem-eraser", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="describe an eraser folder or weights file")
+    inspect.add_argument("path", help="eraser folder, eraser_weights.pt or eraser_weights.safetensors")
+    inspect.set_defaults(run=_inspect)
+
+    convert = commands.add_parser("convert", help="convert eraser weights between .pt and .safetensors (lossless)")
+    convert.add_argument("src", help="eraser folder or weights file")
+    convert.add_argument("dst", help="destination file ending in .pt or .safetensors")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LowmemEraserError as exc:
+        print(f"lowmem-eraser {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""An 8-bit frozen base: every `nn.Linear` inside `transformer_blocks` becomes per-channel absmax int8.
+
+Only the block linears are quantised: they hold > 95% of the weights. Patch/time embeddings, norms and
+`proj_out` are small and sit where rounding errors reach the predicted velocity directly, and the adapters
+are the trained fp32 master weights, so all of those keep their dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LowmemEraserError
+from .kernels import int8_linear, int8_linear_reference, triton_available
+
+BACKENDS = ("auto", "int8", "triton", "bnb")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel absmax int8: returns (qweight int8 [out, in], scale fp32 [out])."""
+    w = weight.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return qweight, scale
+
+
+class Int8Linear(nn.Module):
+    """Frozen int8 linear. Weights are buffers (never parameters), so no optimizer or autograd can touch them.
+
+    The forward and input-gradient run through an autograd Function that saves only `weight` (int8) and
+    `weight_scale`: a "dequantize then F.linear" would save a full bf16 copy of every weight for backward.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, use_triton: bool):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.use_triton = use_triton
+        self.register_buffer("weight", qweight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, use_triton: bool = False) -> "Int8Linear":
+        qweight, scale = quantize_weight(linear.weight)
+        return cls(qweight, scale, linear.bias, use_triton)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = int8_linear if self.use_triton else int8_linear_reference
+        return linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, triton={self.use_triton}"
+
+
+def _bnb_linear(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=0.0
+    )
+    layer.weight = bnb.nn.Int8Params(linear.weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(linear.weight.device)  # bitsandbytes quantises on this move
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise LowmemEraserError(f"quantize backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "int8"
+    if backend == "triton" and not triton_available():
+        raise LowmemEraserError("quantize backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+    return backend
+
+
+def quantize_base(transformer: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace each `nn.Linear` inside `transformer.transformer_blocks` with a frozen 8-bit linear, in place.
+
+    Backends: "int8" (PyTorch, any device, also fake/meta tensors), "triton" (fused W8A16 kernel, CUDA or the
+    interpreter), "bnb" (bitsandbytes `Linear8bitLt`, casts activations to fp16), "auto" (triton on CUDA,
+    int8 elsewhere; see bench/results/kernels.md for the measurements behind the choice).
+    """
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise LowmemEraserError(f"{type(transformer).__name__} has no `transformer_blocks` to quantise")
+    targets = [
+        (parent, child_name, child)
+        for parent in blocks.modules()
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    if not targets:
+        raise LowmemEraserError("quantize_base: no nn.Linear left in transformer_blocks (already quantised?)")
+    chosen = _resolve_backend(backend, targets[0][2].weight.device)
+    for parent, child_name, linear in targets:
+        if chosen == "bnb":
+            replacement = _bnb_linear(linear)
+        else:
+            replacement = Int8Linear.from_linear(linear, use_triton=chosen == "triton")
+        setattr(parent, child_name, replacement)
+    transformer.requires_grad_(False)
+    return transformer

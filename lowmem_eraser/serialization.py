@@ -1,0 +1,286 @@
+"""The published eraser format: `eraser_weights.pt` (or `.safetensors`) + `eraser_config.json`.
+
+`eraser_weights.pt` is `torch.save` of `{outer_key: {"down.weight", "down.bias", "up.weight", "up.bias"}}`;
+`eraser_config.json` is exactly `{"eraser_type": "adapter", "eraser_rank": r}` because Receler's loader passes
+it as `**kwargs`. Our own metadata goes to a sidecar, `lowmem_eraser.json`. Every read is
+`torch.load(weights_only=True)` and is fully validated before anything on a model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from .adapter import COGVIDEOX_ERASER_KEY, EraserSet, attach_erasers, get_erasers
+from .errors import EraserFormatError
+
+WEIGHTS_PT = "eraser_weights.pt"
+WEIGHTS_SAFETENSORS = "eraser_weights.safetensors"
+CONFIG_JSON = "eraser_config.json"
+SIDECAR_JSON = "lowmem_eraser.json"
+INNER_KEYS = ("down.weight", "down.bias", "up.weight", "up.bias")
+
+# Outer-key patterns of the families that publish erasers in this format.
+FAMILIES = {
+    "CogVideoX": re.compile(r"transformer_blocks\.(\d+)\.attn1\.adapter"),
+    "HunyuanVideo": re.compile(r"single_transformer_blocks\.(\d+)\.attn\.adapter"),
+    "Receler (Stable Diffusion UNet)": re.compile(
+        r"(?:down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+|up_blocks\.\d+\.attentions\.\d+)"
+    ),
+}
+
+
+@dataclass
+class EraserFile:
+    """A validated eraser checkpoint, independent of any model."""
+
+    weights_path: Path
+    state: dict[str, dict[str, torch.Tensor]]
+    family: str
+    rank: int
+    config: dict | None = None
+    sidecar: dict | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.state.values()))["down.weight"].dtype
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: a crash never truncates `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    text = json.dumps(obj, indent=4)
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_config(folder: Path, rank: int) -> None:
+    """Write `eraser_config.json` exactly as the published loader expects it (no extra keys)."""
+    _write_json(folder / CONFIG_JSON, {"eraser_type": "adapter", "eraser_rank": rank})
+
+
+def _family_of(key: str) -> str | None:
+    return next((name for name, pattern in FAMILIES.items() if pattern.fullmatch(key)), None)
+
+
+def _flatten(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{outer}.{inner}": tensor for outer, inners in state.items() for inner, tensor in inners.items()}
+
+
+def _unflatten(flat: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        outer, sep, inner = key.rpartition(".")
+        outer, sep2, module = outer.rpartition(".")
+        if not sep or not sep2:
+            raise EraserFormatError(f"{path}: key {key!r} is not '<block>.<down|up>.<weight|bias>'")
+        state.setdefault(outer, {})[f"{module}.{inner}"] = tensor
+    return state
+
+
+def _resolve_weights(path: Path) -> Path:
+    if path.is_dir():
+        candidates = [path / name for name in (WEIGHTS_PT, WEIGHTS_SAFETENSORS) if (path / name).is_file()]
+        if not candidates:
+            raise EraserFormatError(f"{path}: folder has neither {WEIGHTS_PT} nor {WEIGHTS_SAFETENSORS}")
+        if len(candidates) > 1:
+            raise EraserFormatError(f"{path}: folder has both {WEIGHTS_PT} and {WEIGHTS_SAFETENSORS}; pass one file")
+        return candidates[0]
+    if not path.is_file():
+        raise EraserFormatError(f"{path}: no such eraser file or folder")
+    return path
+
+
+def _read_raw(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            return _unflatten(safetensors.torch.load_file(path, device="cpu"), path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except EraserFormatError:
+        raise
+    except Exception as exc:  # torch/pickle/safetensors raise many types for truncated or hostile files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EraserFormatError(f"{path}: not a readable eraser weights file ({first_line})") from exc
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EraserFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise EraserFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _validate_block(path: Path, key: str, inners: object) -> tuple[int, int]:
+    """Check one block's inner dict; returns (rank, dim)."""
+    if not isinstance(inners, dict):
+        raise EraserFormatError(f"{path}: {key!r} holds a {type(inners).__name__}, expected a dict of tensors")
+    for inner in inners:
+        if inner not in INNER_KEYS:
+            raise EraserFormatError(f"{path}: {key!r} has unexpected key {inner!r} (expected {', '.join(INNER_KEYS)})")
+    for inner in INNER_KEYS:
+        if inner not in inners:
+            raise EraserFormatError(f"{path}: {key!r} is missing {inner!r}")
+        tensor = inners[inner]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise EraserFormatError(f"{path}: {key}.{inner} is not a floating-point tensor")
+    if inners["down.weight"].dim() != 2:
+        raise EraserFormatError(f"{path}: {key}.down.weight must be 2-D [rank, dim], got {list(inners['down.weight'].shape)}")
+    rank, dim = inners["down.weight"].shape
+    expected = {"down.bias": [rank], "up.weight": [dim, rank], "up.bias": [dim]}
+    for inner, shape in expected.items():
+        if list(inners[inner].shape) != shape:
+            raise EraserFormatError(f"{path}: {key}.{inner} has shape {list(inners[inner].shape)}, expected {shape}")
+    for inner in INNER_KEYS:
+        if not torch.isfinite(inners[inner]).all():
+            raise EraserFormatError(f"{path}: {key}.{inner} contains NaN or Inf")
+    return rank, dim
+
+
+def read_erasers(path: str | os.PathLike) -> EraserFile:
+    """Read and validate an eraser folder or weights file (.pt or .safetensors) of any published family."""
+    weights_path = _resolve_weights(Path(path))
+    state = _read_raw(weights_path)
+    if not isinstance(state, dict) or not state:
+        raise EraserFormatError(f"{weights_path}: expected a non-empty dict of blocks, got {type(state).__name__}")
+    family, rank, dims = None, None, {}
+    for key, inners in state.items():
+        if not isinstance(key, str):
+            raise EraserFormatError(f"{weights_path}: block key {key!r} is not a string")
+        key_family = _family_of(key)
+        if key_family is None:
+            raise EraserFormatError(f"{weights_path}: {key!r} is not an eraser block name of any known family")
+        if family is not None and key_family != family:
+            raise EraserFormatError(f"{weights_path}: {key!r} is a {key_family} block in a {family} file")
+        family = key_family
+        block_rank, dims[key] = _validate_block(weights_path, key, inners)
+        if rank is not None and block_rank != rank:
+            raise EraserFormatError(f"{weights_path}: {key} has rank {block_rank}, other blocks have rank {rank}")
+        rank = block_rank
+    config = _read_json(weights_path.parent / CONFIG_JSON)
+    if config is not None:
+        config_path = weights_path.parent / CONFIG_JSON
+        if config.get("eraser_type", "adapter") != "adapter":
+            raise EraserFormatError(f"{config_path}: eraser_type is {config['eraser_type']!r}, expected 'adapter'")
+        if "eraser_rank" in config and config["eraser_rank"] != rank:
+            raise EraserFormatError(
+                f"{config_path}: eraser_rank is {config['eraser_rank']!r} but the tensors in {weights_path.name} have rank {rank}"
+            )
+    sidecar = _read_json(weights_path.parent / SIDECAR_JSON)
+    return EraserFile(weights_path, state, family, rank, config, sidecar, dims)
+
+
+def _published_state(erasers: EraserSet) -> dict[str, dict[str, torch.Tensor]]:
+    state = {}
+    for name, adapter in erasers.items():
+        inners = {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in adapter.state_dict().items()}
+        for inner, tensor in inners.items():
+            if not torch.isfinite(tensor).all():
+                raise EraserFormatError(f"refusing to save {name}.{inner}: it contains NaN or Inf")
+        state[name] = inners
+    return state
+
+
+def save_erasers(
+    transformer_or_erasers: nn.Module,
+    folder: str | os.PathLike,
+    metadata: dict | None = None,
+    format: str = "pt",
+) -> Path:
+    """Write the published folder: weights (.pt or .safetensors), `eraser_config.json` and our sidecar."""
+    erasers = transformer_or_erasers if isinstance(transformer_or_erasers, EraserSet) else get_erasers(transformer_or_erasers)
+    if erasers is None:
+        raise EraserFormatError("save_erasers: the model has no erasers attached")
+    if format not in ("pt", "safetensors"):
+        raise EraserFormatError(f"save_erasers: format must be 'pt' or 'safetensors', got {format!r}")
+    state = _published_state(erasers)
+    sidecar = {
+        "family": "CogVideoX",
+        "num_blocks": len(state),
+        "dim": erasers.dim,
+        "rank": erasers.rank,
+        "dtype": str(erasers.values()[0].down.weight.dtype).removeprefix("torch."),
+        "lowmem_eraser_version": __version__,
+        "metadata": metadata or {},
+    }
+    try:
+        sidecar_text = json.dumps(sidecar, indent=4)
+    except TypeError as exc:
+        raise EraserFormatError(f"save_erasers: metadata is not JSON-serialisable ({exc})") from exc
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(state, folder / (WEIGHTS_PT if format == "pt" else WEIGHTS_SAFETENSORS))
+    (folder / (WEIGHTS_SAFETENSORS if format == "pt" else WEIGHTS_PT)).unlink(missing_ok=True)  # no stale twin
+    write_config(folder, erasers.rank)
+    _atomic_write(folder / SIDECAR_JSON, lambda tmp: tmp.write_text(sidecar_text))
+    return folder
+
+
+def write_weights(state: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    """Atomically write a nested eraser state as .pt (published layout) or .safetensors (flat keys)."""
+    if path.suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: safetensors.torch.save_file(_flatten(state), str(tmp), metadata={"format": "pt"}))
+    elif path.suffix == ".pt":
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    else:
+        raise EraserFormatError(f"{path}: eraser weights must end in .pt or .safetensors")
+
+
+def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool = True) -> EraserSet:
+    """Load a published CogVideoX eraser into `transformer`, attaching adapters if none are attached.
+
+    With `strict=False`, blocks missing from the file keep their current weights and blocks the model lacks
+    are ignored; shapes are always checked. Nothing on the model changes unless every check passes.
+    """
+    eraser_file = read_erasers(path)
+    where = eraser_file.weights_path
+    if eraser_file.family != "CogVideoX":
+        raise EraserFormatError(f"{where}: this is a {eraser_file.family} eraser, not a CogVideoX one")
+    blocks = transformer.transformer_blocks
+    expected = [COGVIDEOX_ERASER_KEY.format(i) for i in range(len(blocks))]
+    if strict:
+        missing = [key for key in expected if key not in eraser_file.state]
+        if missing:
+            raise EraserFormatError(f"{where}: missing block {missing[0]!r} (the model has {len(blocks)} blocks)")
+        extra = [key for key in eraser_file.state if key not in expected]
+        if extra:
+            raise EraserFormatError(f"{where}: unexpected block {extra[0]!r} (the model has {len(blocks)} blocks)")
+    for i, key in enumerate(expected):
+        if key in eraser_file.state and eraser_file.dims[key] != blocks[i].attn1.to_q.in_features:
+            raise EraserFormatError(
+                f"{where}: {key}.down.weight has dim {eraser_file.dims[key]}, the model's attention dim is "
+                f"{blocks[i].attn1.to_q.in_features}"
+            )
+    erasers = get_erasers(transformer)
+    if erasers is not None and erasers.rank != eraser_file.rank:
+        raise EraserFormatError(f"{where}: rank {eraser_file.rank} does not match the attached erasers' rank {erasers.rank}")
+    if erasers is None:
+        erasers = attach_erasers(transformer, rank=eraser_file.rank)
+    with torch.no_grad():
+        for key in expected:
+            if key in eraser_file.state:
+                for inner, param in erasers[key].state_dict(keep_vars=True).items():
+                    param.copy_(eraser_file.state[key][inner].to(torch.float32))
+    return erasers
