@@ -12,7 +12,7 @@ from .adapter import (  # noqa: E402
     set_eraser_scale,
 )
 from .errors import ConfigError, EraserFormatError, LowmemEraserError  # noqa: E402
-# TMP from .quantize import Int8Linear, quantize_base  # noqa: E402
+from .quantize import Int8Linear, quantize_base  # noqa: E402
 from .serialization import load_erasers, read_erasers, save_erasers  # noqa: E402
 
 __all__ = [

@@ -274,3 +274,25 @@ def test_cli_convert_is_lossless_both_ways(tmp_path):
             assert back[key][inner].dtype == torch.bfloat16
             assert torch.equal(back[key][inner], state[key][inner])
     assert cli_main(["convert", str(src), str(tmp_path / "bad.bin")]) == 2
+
+
+def make_example_eraser(folder):
+    """The small eraser shipped in tests/data/example_eraser for the README's inspect command."""
+    from conftest import tiny_transformer
+
+    transformer = tiny_transformer()
+    erasers = attach_erasers(transformer, rank=8)
+    randomize_erasers(erasers, seed=5)
+    with torch.no_grad():
+        erasers["transformer_blocks.1.attn1.adapter"].up.weight.zero_()
+        erasers["transformer_blocks.1.attn1.adapter"].up.bias.zero_()
+    return save_erasers(transformer, folder, metadata={"concept": "example", "note": "random weights, for inspect"})
+
+
+def test_shipped_example_eraser_is_what_the_tests_produce(tmp_path):
+    shipped = read_erasers(Path(__file__).parent / "data" / "example_eraser")
+    made = read_erasers(make_example_eraser(tmp_path / "example"))
+    assert shipped.config == made.config and shipped.sidecar == made.sidecar
+    for key, inners in made.state.items():
+        for inner, tensor in inners.items():
+            assert torch.equal(shipped.state[key][inner], tensor)
