@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .blocks import cogvideox_blocks
 from .errors import LowmemEraserError
+from .kernels import eraser_adapter, eraser_adapter_reference, triton_available
+from .localization import localization_loss
 
 COGVIDEOX_ERASER_KEY = "transformer_blocks.{}.attn1.adapter"
 _ATTR = "_lowmem_erasers"  # plain attribute on the transformer: never a registered submodule
@@ -62,6 +65,10 @@ class EraserSet(nn.ModuleDict):
             parent.add_module(leaf, adapter)
         self.enabled = True
         self.scale = 1.0
+        self.kernels = "auto"  # auto | triton | torch: which implementation the hooks run
+        self.localization_mask: torch.Tensor | None = None  # [B, N_video] concept mask M while L_loc is collected
+        self.localization_terms: list[torch.Tensor] = []
+        self.recomputing = False  # True while checkpoint recomputation replays a block
 
     def __getitem__(self, name: str) -> EraserAdapter:
         if name not in self._names:
@@ -94,15 +101,35 @@ class EraserSet(nn.ModuleDict):
     def rank(self) -> int:
         return self.values()[0].down.out_features
 
+    def switches(self) -> dict:
+        """The runtime switches every hook reads; snapshotted at forward, replayed at recomputation."""
+        return {"enabled": self.enabled, "scale": self.scale, "localization_mask": self.localization_mask}
+
     @contextlib.contextmanager
-    def state(self, enabled: bool, scale: float):
-        """Temporarily set the runtime switches (used for the frozen pass and for checkpoint replay)."""
-        saved = (self.enabled, self.scale)
-        self.enabled, self.scale = enabled, scale
+    def replaying(self, switches: dict, recomputing: bool = False):
+        """Temporarily set the runtime switches (the frozen pass, checkpoint recomputation)."""
+        saved, saved_recomputing = self.switches(), self.recomputing
+        for name, value in switches.items():
+            setattr(self, name, value)
+        self.recomputing = recomputing
         try:
             yield
         finally:
-            self.enabled, self.scale = saved
+            for name, value in saved.items():
+                setattr(self, name, value)
+            self.recomputing = saved_recomputing
+
+    @contextlib.contextmanager
+    def collecting_localization(self, mask: torch.Tensor):
+        """Collect one L_loc term per adapter (`localization_loss` of its output) during a student pass.
+
+        The term is computed inside the hook, i.e. inside the checkpointed block, so only a scalar leaves it;
+        at recomputation the hook computes it again (the saved tensors must match) but does not collect it.
+        """
+        self.localization_terms = []
+        with self.replaying({**self.switches(), "localization_mask": mask}):
+            yield self.localization_terms
+        self.localization_terms = []
 
     def checkpoint(self, module: nn.Module, *args):
         """Gradient-checkpoint `module`, replaying at recomputation the switches seen at forward.
@@ -112,7 +139,7 @@ class EraserSet(nn.ModuleDict):
         """
 
         def context_fn():
-            return contextlib.nullcontext(), self.state(self.enabled, self.scale)
+            return contextlib.nullcontext(), self.replaying(self.switches(), recomputing=True)
 
         return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
@@ -131,16 +158,6 @@ def _require_erasers(transformer: nn.Module) -> EraserSet:
     return erasers
 
 
-def _cogvideox_blocks(transformer: nn.Module) -> list[nn.Module]:
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None or not all(hasattr(block, "attn1") for block in blocks):
-        raise LowmemEraserError(
-            f"{type(transformer).__name__} is not a CogVideoX transformer: expected `transformer_blocks` of "
-            "blocks with an `attn1` attention"
-        )
-    return list(blocks)
-
-
 def _attention_dim(attn: nn.Module) -> int:
     return attn.to_q.in_features
 
@@ -150,18 +167,30 @@ def _attention_device(attn: nn.Module) -> torch.device:
 
 
 def _adapter_hook(erasers: EraserSet, adapter: EraserAdapter, module, args, output):
-    """Add the adapter's delta to the video output of `attn1` (before the block's gate and residual)."""
+    """Add the adapter's output to the video output of `attn1` (before the block's gate and residual)."""
     if not erasers.enabled or erasers.scale == 0:
         return None
     video, text = output
     if adapter.down.weight.device != video.device:
         erasers.to(video.device)  # in place: parameter identity (and optimizer state) is kept
-    return apply_adapter(adapter, video, erasers.scale), text
+    if erasers.localization_mask is None:
+        return apply_adapter(adapter, video, erasers.scale, erasers.kernels), text
+    delta = erasers.scale * adapter.delta(video)  # L_loc needs the adapter output itself, not x + output
+    term = localization_loss(delta, erasers.localization_mask)
+    if not erasers.recomputing:
+        erasers.localization_terms.append(term)
+    return video + delta, text
 
 
-def apply_adapter(adapter: EraserAdapter, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """`x + scale * adapter.delta(x)` in x's dtype."""
-    return x + scale * adapter.delta(x)
+def apply_adapter(adapter: EraserAdapter, x: torch.Tensor, scale: float, kernels: str = "auto") -> torch.Tensor:
+    """`x + scale * adapter.delta(x)` in x's dtype: the fused Triton op (`kernels` auto: on CUDA or under the
+    Triton interpreter; triton: always) or the PyTorch reference."""
+    weights = (adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias)
+    if kernels == "torch":
+        return eraser_adapter_reference(x, *weights, scale)
+    if kernels == "triton" and not triton_available():
+        raise LowmemEraserError("kernels: triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+    return eraser_adapter(x, *weights, scale)
 
 
 def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args, kwargs):
@@ -178,7 +207,7 @@ def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
         raise LowmemEraserError("erasers are already attached to this transformer; call detach_erasers first")
     if not isinstance(rank, int) or rank <= 0:
         raise LowmemEraserError(f"eraser rank must be a positive integer, got {rank!r}")
-    blocks = _cogvideox_blocks(transformer)
+    blocks = cogvideox_blocks(transformer)
     adapters = {}
     for i, block in enumerate(blocks):
         adapter = EraserAdapter(_attention_dim(block.attn1), rank)
@@ -213,7 +242,7 @@ def detach_erasers(transformer: nn.Module) -> EraserSet:
 def erasers_disabled(transformer: nn.Module):
     """Run the original (frozen) model: every adapter off inside the block."""
     erasers = _require_erasers(transformer)
-    with erasers.state(False, erasers.scale):
+    with erasers.replaying({**erasers.switches(), "enabled": False}):
         yield
 
 

@@ -55,7 +55,7 @@ class EraserFile:
         return next(iter(self.state.values()))["down.weight"].dtype
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename: a crash never truncates `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -69,7 +69,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def _write_json(path: Path, obj: dict) -> None:
     text = json.dumps(obj, indent=4)
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_config(folder: Path, rank: int) -> None:
@@ -234,16 +234,16 @@ def save_erasers(
     write_weights(state, folder / (WEIGHTS_PT if format == "pt" else WEIGHTS_SAFETENSORS))
     (folder / (WEIGHTS_SAFETENSORS if format == "pt" else WEIGHTS_PT)).unlink(missing_ok=True)  # no stale twin
     write_config(folder, erasers.rank)
-    _atomic_write(folder / SIDECAR_JSON, lambda tmp: tmp.write_text(sidecar_text))
+    atomic_write(folder / SIDECAR_JSON, lambda tmp: tmp.write_text(sidecar_text))
     return folder
 
 
 def write_weights(state: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
     """Atomically write a nested eraser state as .pt (published layout) or .safetensors (flat keys)."""
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: safetensors.torch.save_file(_flatten(state), str(tmp), metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(_flatten(state), str(tmp), metadata={"format": "pt"}))
     elif path.suffix == ".pt":
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     else:
         raise EraserFormatError(f"{path}: eraser weights must end in .pt or .safetensors")
 

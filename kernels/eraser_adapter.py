@@ -1,0 +1,293 @@
+"""Fused residual eraser adapter: ``x + scale * (gelu(x @ Wd^T + bd) @ Wu^T + bu)``.
+
+Unfused PyTorch makes ~7 passes over the [N, dim] activations in forward and ~10 in backward
+(bias, GELU, scale and residual each read and write them); here forward makes 3 and backward 5.
+Forward saves only ``x`` and the rank-sized pre-activation ``h``, kept in fp32: it is only
+rank/dim (~4-7 %) of the saved activations, and backward evaluates gelu'(h) at the unrounded
+value instead of at a second bf16 rounding. Backward recomputes GELU from ``h``.
+Weight gradients are split over tokens into per-program partial sums reduced on the host with
+``torch.sum``: deterministic, no atomics.
+"""
+
+from __future__ import annotations  # ``tl.constexpr`` annotations must not need triton to import
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch reference below still works
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@_jit
+def _gelu(h):
+    """Exact erf GELU of an fp32 tile (``tl.math.erf`` needs fp32)."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT2))
+
+
+@_jit
+def _gelu_grad(h):
+    """d gelu / dh = Phi(h) + h * phi(h)."""
+    cdf = 0.5 * (1.0 + tl.math.erf(h * _INV_SQRT2))
+    return cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+
+
+@_jit
+def _down_kernel(
+    a_ptr, w_ptr, bias_ptr, h_ptr, out_ptr,
+    M, N, K,
+    stride_wk, stride_wn,
+    scale,
+    BACKWARD: tl.constexpr, DOT_TY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Rank-sized fp32 output from a full-width row-major activation ``a`` [M, K].
+
+    forward:  out = x @ Wd^T + bd                      (the pre-activation h)
+    backward: out = scale * (grad @ Wu) * gelu'(h)     (dL/dh)
+    ``w`` is addressed as a [K, N] matrix through its strides, so no transposed copy is made.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(a_ptr + rows + ks[None, :], mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
+        w = tl.load(
+            w_ptr + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=(ks[:, None] < K) & (offs_n[None, :] < N), other=0.0,
+        )
+        acc = tl.dot(a.to(DOT_TY), w.to(DOT_TY), acc, input_precision=PRECISION)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if BACKWARD:
+        h = tl.load(h_ptr + out_offs, mask=mask, other=0.0)
+        acc = acc * scale * _gelu_grad(h)
+    else:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + out_offs, acc, mask=mask)
+
+
+@_jit
+def _up_kernel(
+    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K,
+    stride_wk, stride_wn,
+    scale,
+    FORWARD: tl.constexpr, DOT_TY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Full-width output from a rank-sized fp32 activation ``a`` [M, K], residual fused.
+
+    forward:  out = x + scale * (gelu(h) @ Wu^T + bu)   (GELU recomputed per tile, never stored)
+    backward: dx  = grad + dh @ Wd                      (scale is already inside dh)
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(
+            a_ptr + offs_m.to(tl.int64)[:, None] * K + ks[None, :],
+            mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0,
+        )
+        if FORWARD:
+            a = _gelu(a)
+        w = tl.load(
+            w_ptr + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=(ks[:, None] < K) & (offs_n[None, :] < N), other=0.0,
+        )
+        acc = tl.dot(a.to(DOT_TY), w.to(DOT_TY), acc, input_precision=PRECISION)
+    if FORWARD:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = scale * (acc + bias[None, :])
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (res + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _weight_grad_kernel(
+    a_ptr, b_ptr, dw_ptr, db_ptr,
+    M, N, T, T_PER_SPLIT,
+    scale,
+    GELU_B: tl.constexpr, DOT_TY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Partial ``scale * a^T @ act(b)`` and ``scale * sum_t a`` over one token split.
+
+    ``a`` [T, M] and ``b`` [T, N] are row-major; program (m, n, s) writes slice s of the fp32
+    [splits, M, N] / [splits, M] buffers, so the host reduction is the only sum across programs.
+    """
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, T_PER_SPLIT, BLOCK_T):
+        ts = pid_s * T_PER_SPLIT + t0 + offs_t
+        rows = ts.to(tl.int64)[:, None]
+        a = tl.load(a_ptr + rows * M + offs_m[None, :], mask=(ts[:, None] < T) & (offs_m[None, :] < M), other=0.0)
+        b = tl.load(b_ptr + rows * N + offs_n[None, :], mask=(ts[:, None] < T) & (offs_n[None, :] < N), other=0.0)
+        if GELU_B:
+            b = _gelu(b)
+        a = a.to(tl.float32)
+        db += tl.sum(a, axis=0)
+        acc = tl.dot(tl.trans(a.to(DOT_TY)), b.to(DOT_TY), acc, input_precision=PRECISION)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(dw_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], acc * scale, mask=mask)
+    if pid_n == 0:
+        tl.store(db_ptr + pid_s * M + offs_m, db * scale, mask=offs_m < M)
+
+
+def _block(n: int, cap: int) -> int:
+    """Power-of-two tile edge covering ``n``: at least 16 (``tl.dot`` minimum), at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Operand dtype for ``tl.dot``: the activation dtype on GPU (fp32 master weights are cast to
+    it, as the reference does); fp32 in the interpreter, whose bf16/fp16 dot is wrong. fp32
+    operands use IEEE precision, not the TF32 default, to match PyTorch's fp32 matmul."""
+    name = "float32" if _INTERPRET else str(dtype).removeprefix("torch.")
+    return {"DOT_TY": getattr(tl, name), "PRECISION": "ieee" if name == "float32" else "tf32"}
+
+
+def _tiles(m: int, n: int, k: int, gpu: dict) -> dict:
+    """Tile sizes and launch options. The interpreter gets big tiles (fewer programs run 3-6x
+    faster there); the GPU gets fixed sizes for the real shapes (N ~ 18k, dim 1920-3072, rank 128)."""
+    if _INTERPRET:
+        return {"BLOCK_M": _block(m, 512), "BLOCK_N": _block(n, 128), "BLOCK_K": _block(k, 128)}
+    tiles = {name: _block(size, gpu[name]) for name, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k))}
+    return {**tiles, "num_warps": gpu["num_warps"], "num_stages": 3}
+
+
+_DOWN_GPU = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
+_UP_GPU = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def _down(a, w_kn, bias_or_h, scale, backward):
+    """fp32 [M, rank] = a [M, K] @ w_kn [K, rank] + bias (forward) or * scale * gelu'(h) (backward)."""
+    M, K = a.shape
+    N = w_kn.shape[1]
+    out = torch.empty(M, N, device=a.device, dtype=torch.float32)
+    cfg = _tiles(M, N, K, _DOWN_GPU)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _down_kernel[grid](
+        a, w_kn, bias_or_h, bias_or_h, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale,
+        BACKWARD=backward, **_dot_args(a.dtype), **cfg,
+    )
+    return out
+
+
+def _up(a, w_kn, bias, res, scale):
+    """res + scale * (gelu(a) @ w_kn + bias) (forward), or res + a @ w_kn when bias is None (backward);
+    [M, dim] in res's dtype."""
+    M, K = a.shape
+    N = res.shape[1]
+    out = torch.empty_like(res)
+    cfg = _tiles(M, N, K, _UP_GPU)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    forward = bias is not None
+    _up_kernel[grid](
+        a, w_kn, bias if forward else out, res, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale,
+        FORWARD=forward, **_dot_args(res.dtype), **cfg,
+    )
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _weight_grad(a, b, scale, gelu_b, dot_dtype, w_dtype, b_dtype):
+    """(scale * a^T @ act(b), scale * a.sum(0)) for a [T, M], b [T, N], reduced deterministically.
+
+    Splits T until the grid has ~2 programs per SM: the rank-sized outputs alone give too few
+    tiles to fill a GPU."""
+    T, M = a.shape
+    N = b.shape[1]
+    bm, bn = _block(M, 128), _block(N, 128)
+    bt = 256 if _INTERPRET else 64
+    cfg = {} if _INTERPRET else {"num_warps": 8, "num_stages": 3}
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    chunks = triton.cdiv(T, bt)
+    t_per_split = triton.cdiv(chunks, min(chunks, max(1, 2 * _num_sms(a.device) // tiles))) * bt
+    splits = triton.cdiv(T, t_per_split)
+    dw = torch.empty(splits, M, N, device=a.device, dtype=torch.float32)
+    db = torch.empty(splits, M, device=a.device, dtype=torch.float32)
+    _weight_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
+        a, b, dw, db, M, N, T, t_per_split, scale,
+        GELU_B=gelu_b, **_dot_args(dot_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt, **cfg,
+    )
+    return dw.sum(0).to(w_dtype), db.sum(0).to(b_dtype)
+
+
+class _EraserAdapterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, scale):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        h = _down(x2d, down_weight.t(), down_bias, 1.0, False)
+        out = _up(h, up_weight.t(), up_bias, x2d, scale)
+        ctx.save_for_backward(x2d, h, down_weight, up_weight)
+        ctx.scale = scale
+        ctx.bias_dtypes = (down_bias.dtype, up_bias.dtype)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, h, down_weight, up_weight = ctx.saved_tensors
+        needs_x, needs_wd, needs_bd, needs_wu, needs_bu, _ = ctx.needs_input_grad
+        grad = grad_out.reshape(x2d.shape).contiguous()
+        dx = d_wd = d_bd = d_wu = d_bu = None
+        if needs_wu or needs_bu:
+            d_wu, d_bu = _weight_grad(grad, h, ctx.scale, True, x2d.dtype, up_weight.dtype, ctx.bias_dtypes[1])
+        if needs_x or needs_wd or needs_bd:
+            dh = _down(grad, up_weight, h, ctx.scale, True)
+            if needs_x:
+                dx = _up(dh, down_weight, None, grad, 1.0)
+                dx = dx.view(grad_out.shape)
+            if needs_wd or needs_bd:
+                d_wd, d_bd = _weight_grad(dh, x2d, 1.0, False, x2d.dtype, down_weight.dtype, ctx.bias_dtypes[0])
+        return dx, d_wd, d_bd, d_wu, d_bu, None
+
+
+def eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale=1.0):
+    """PyTorch reference: weights cast to x's dtype, exact erf GELU."""
+    dt = x.dtype
+    h = F.gelu(F.linear(x, down_weight.to(dt), down_bias.to(dt)), approximate="none")
+    return x + scale * F.linear(h, up_weight.to(dt), up_bias.to(dt))
+
+
+def _runs_triton(x: torch.Tensor) -> bool:
+    if triton is None or is_fake(x):
+        return False
+    return x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")
+
+
+def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0):
+    """``x + scale * (gelu(x @ Wd^T + bd) @ Wu^T + bu)`` for x [..., dim]; fused Triton kernels
+    where Triton can run, else the PyTorch reference. Output in x's dtype; fp32 accumulation."""
+    rank, dim = down_weight.shape
+    if x.shape[-1] != dim or tuple(up_weight.shape) != (dim, rank):
+        raise ValueError(f"x [..., {x.shape[-1]}], down_weight {tuple(down_weight.shape)}, "
+                         f"up_weight {tuple(up_weight.shape)} do not compose")
+    if not _runs_triton(x) or x.numel() == 0:
+        return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale)
+    return _EraserAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, float(scale))

@@ -1,0 +1,311 @@
+"""The training config: a YAML file read into dataclasses, every bad value reported with its field name.
+
+Types and ranges are checked when a section is built, so `TrainConfig(...)` and `TrainConfig.from_dict(...)`
+are as strict as `load_config`; `validate` adds the checks that look at files. Paths (`model`, `prompts`,
+`output_dir`) are kept as written: relative ones are relative to the working directory, like any CLI path,
+not to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import typing
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import yaml
+
+from .errors import ConfigError
+from .localization import concept_spans
+
+MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
+PROMPT_COLUMNS = ("prompt", "normal prompt")  # the published CSV: target prompt, preservation twin
+
+
+def _rule(holds, expected: str) -> dict:
+    return {"rule": (holds, expected)}
+
+
+def _choices(*options: str) -> dict:
+    return {"choices": options}
+
+
+_POSITIVE = _rule(lambda v: v > 0, "a value > 0")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, "a value >= 0")
+
+
+@dataclass
+class _Section:
+    """Base of every config section: converts and checks its fields on construction."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for spec in fields(self):
+            name = f"{self.key}.{spec.name}" if self.key else spec.name
+            setattr(self, spec.name, _checked(name, getattr(self, spec.name), hints[spec.name], spec.metadata))
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        """Build from a parsed YAML mapping; unknown and missing keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.key or 'config'}: expected a mapping, got {data!r}")
+        prefix = f"{cls.key}." if cls.key else ""
+        known = [spec.name for spec in fields(cls)]
+        for name in data:
+            if name not in known:
+                raise ConfigError(f"{prefix}{name}: unknown key (expected one of: {', '.join(known)})")
+        for spec in fields(cls):
+            if spec.default is MISSING and spec.default_factory is MISSING and spec.name not in data:
+                raise ConfigError(f"{prefix}{spec.name}: missing (required)")
+        return cls(**data)
+
+
+def _checked(name: str, value: Any, kind: type, metadata) -> Any:
+    """`value` converted to `kind` and checked against the field's rule or choices, or a ConfigError."""
+    if is_dataclass(kind):
+        return value if isinstance(value, kind) else kind.from_dict(value)
+    converted = _converted(value, kind)
+    if converted is None:
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
+                    Path: "a path"}[kind]
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    if "choices" in metadata and converted not in metadata["choices"]:
+        raise ConfigError(f"{name}: expected one of {', '.join(metadata['choices'])}; got {value!r}")
+    if "rule" in metadata and not metadata["rule"][0](converted):
+        raise ConfigError(f"{name}: expected {metadata['rule'][1]}, got {value!r}")
+    return converted
+
+
+def _converted(value: Any, kind: type) -> Any:
+    """`value` as `kind`, or None when it is not one. Booleans are never numbers."""
+    if isinstance(value, bool):
+        return value if kind is bool else None
+    if kind is int:
+        return value if isinstance(value, int) else None
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    if kind in (str, Path):
+        return kind(value) if isinstance(value, (str, Path)) and str(value).strip() else None
+    return None
+
+
+@dataclass
+class EraserConfig(_Section):
+    key: ClassVar[str] = "eraser"
+    rank: int = field(default=128, metadata=_POSITIVE)
+
+
+@dataclass
+class LossConfig(_Section):
+    """L = L_unlearn + alpha·L_loc + beta·L_pre, with the negative guidance strength eta (SPEC §3)."""
+
+    key: ClassVar[str] = "loss"
+    eta: float = field(default=7.0, metadata=_NON_NEGATIVE)
+    alpha: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    beta: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    mask_threshold: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v <= 1, "a value in [0, 1]"))
+
+
+@dataclass
+class SamplingConfig(_Section):
+    """How x_t is drawn: `renoise` a cached model sample x0, or follow the sampling `trajectory` (SPEC §3)."""
+
+    key: ClassVar[str] = "sampling"
+    mode: str = field(default="renoise", metadata=_choices("renoise", "trajectory"))
+    num_inference_steps: int = field(default=50, metadata=_POSITIVE)
+    guidance_scale: float = field(default=6.0, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class VideoConfig(_Section):
+    key: ClassVar[str] = "video"
+    frames: int = field(default=49, metadata=_rule(lambda v: v > 0 and v % 8 == 1, "8k+1 frames (e.g. 49)"))
+    height: int = field(default=480, metadata=_rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))
+    width: int = field(default=720, metadata=_rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))
+
+
+@dataclass
+class TrainLoopConfig(_Section):
+    key: ClassVar[str] = "train"
+    steps: int = field(default=500, metadata=_POSITIVE)
+    lr: float = field(default=1.0e-4, metadata=_POSITIVE)
+    batch_size: int = field(default=1, metadata=_POSITIVE)
+    grad_clip: float = field(default=1.0, metadata=_POSITIVE)
+    seed: int = 0
+    save_every: int = field(default=100, metadata=_POSITIVE)
+    log_every: int = field(default=1, metadata=_POSITIVE)
+    warmup_steps: int = field(default=0, metadata=_NON_NEGATIVE)
+    lr_schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
+
+
+@dataclass
+class MemoryConfig(_Section):
+    """`offload: blocks` is accepted without CUDA (the training loop says so and runs without it)."""
+
+    key: ClassVar[str] = "memory"
+    quantize: str = field(default="int8", metadata=_choices("none", "int8", "triton", "bnb", "auto"))
+    gradient_checkpointing: bool = True
+    offload: str = field(default="none", metadata=_choices("none", "blocks"))
+    dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
+    kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+
+
+@dataclass
+class TrainConfig(_Section):
+    """The whole training config. `model`, `prompts`, `concept` and `output_dir` are required."""
+
+    model: Path  # local diffusers CogVideoX folder
+    prompts: Path  # CSV with `prompt`, `normal prompt` columns, or a YAML list of pairs
+    concept: str  # word(s) whose tokens define the localisation mask
+    output_dir: Path
+    eraser: EraserConfig = field(default_factory=EraserConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def to_dict(self) -> dict:
+        """Plain YAML-safe values (paths as strings), in the file's layout: `from_dict` reads it back."""
+        return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read, override (`key.sub=value`, value parsed as YAML), check and validate a training config."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of settings, got {data!r}")
+    for override in overrides:
+        _apply_override(data, override)
+    config = TrainConfig.from_dict(data)
+    validate(config)
+    return config
+
+
+def _apply_override(data: dict, override: str) -> None:
+    name, sep, text = override.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--set {override!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {name}: value is not valid YAML: {exc}") from None
+    *sections, leaf = name.strip().split(".")
+    section_type, target = TrainConfig, data
+    for part in sections:
+        hints = typing.get_type_hints(section_type)
+        if part not in hints or not is_dataclass(hints[part]):
+            raise ConfigError(f"--set {name}: unknown key")
+        section_type = hints[part]
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{part}: expected a mapping, got {target!r}")
+    if leaf not in {spec.name for spec in fields(section_type)}:
+        raise ConfigError(f"--set {name}: unknown key")
+    target[leaf] = value
+
+
+def validate(config: TrainConfig) -> None:
+    """The checks that read files, and cross-field ones; warns when the concept is in no target prompt."""
+    if not config.model.is_dir():
+        raise ConfigError(f"model: {config.model} is not a folder")
+    for sub in MODEL_SUBFOLDERS:
+        if not (config.model / sub).is_dir():
+            raise ConfigError(
+                f"model: {config.model} has no {sub}/ sub-folder (a diffusers CogVideoX folder needs "
+                f"{', '.join(s + '/' for s in MODEL_SUBFOLDERS)})"
+            )
+    pairs = load_prompt_pairs(config.prompts)
+    if config.train.warmup_steps > config.train.steps:
+        raise ConfigError(
+            f"train.warmup_steps: expected at most train.steps ({config.train.steps}), got {config.train.warmup_steps}"
+        )
+    if not any(concept_spans(target, config.concept) for target, _ in pairs):
+        warnings.warn(
+            f"concept {config.concept!r} appears in none of the {len(pairs)} target prompts of {config.prompts}: "
+            "the localisation mask will be empty, so L_loc penalises the eraser everywhere",
+            stacklevel=2,
+        )
+
+
+def load_prompt_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(target prompt, preservation prompt) pairs from a CSV (`prompt`, `normal prompt` columns) or a YAML
+    list of `[prompt, normal prompt]` pairs or `{prompt: ..., normal prompt: ...}` mappings."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".yaml", ".yml"):
+        raise ConfigError(f"prompts: expected a .csv, .yaml or .yml file, got {path}")
+    if not path.is_file():
+        raise ConfigError(f"prompts: {path} not found")
+    pairs = _csv_pairs(path) if path.suffix.lower() == ".csv" else _yaml_pairs(path)
+    if not pairs:
+        raise ConfigError(f"prompts: {path} holds no prompt pairs")
+    return pairs
+
+
+def _csv_pairs(path: Path) -> list[tuple[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        header = [column.strip() for column in next(reader, [])]
+        for column in PROMPT_COLUMNS:
+            if column not in header:
+                raise ConfigError(
+                    f"prompts: {path} has no column {column!r} (header: {header}); "
+                    f"expected columns {' and '.join(repr(c) for c in PROMPT_COLUMNS)}"
+                )
+        indices = [header.index(column) for column in PROMPT_COLUMNS]
+        pairs = []
+        for row in reader:
+            where = f"prompts: {path} line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                raise ConfigError(f"{where}: empty row")
+            if len(row) > len(header):
+                raise ConfigError(f"{where}: {len(row)} cells for {len(header)} columns (quote prompts with commas)")
+            cells = [row[i] if i < len(row) else "" for i in indices]
+            pairs.append(_pair(cells, where))
+        return pairs
+
+
+def _yaml_pairs(path: Path) -> list[tuple[str, str]]:
+    try:
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"prompts: {path} is not valid YAML: {exc}") from None
+    if not isinstance(items, list):
+        raise ConfigError(
+            f"prompts: {path} must hold a list of [prompt, normal prompt] pairs, got {type(items).__name__}"
+        )
+    pairs = []
+    for number, item in enumerate(items, start=1):
+        where = f"prompts: {path} item {number}"
+        if isinstance(item, dict) and set(item) == set(PROMPT_COLUMNS):
+            pairs.append(_pair([item[column] for column in PROMPT_COLUMNS], where))
+        elif isinstance(item, list) and len(item) == 2:
+            pairs.append(_pair(item, where))
+        else:
+            raise ConfigError(
+                f"{where}: expected [prompt, normal prompt] or a mapping with exactly those keys, got {item!r}"
+            )
+    return pairs
+
+
+def _pair(cells: list, where: str) -> tuple[str, str]:
+    for column, cell in zip(PROMPT_COLUMNS, cells):
+        if not isinstance(cell, str) or not cell.strip():
+            raise ConfigError(f"{where}: empty or non-text {column!r}: {cell!r}")
+    return cells[0].strip(), cells[1].strip()

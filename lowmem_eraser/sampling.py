@@ -1,0 +1,83 @@
+"""Where the noisy latents x_t of a training step come from.
+
+`renoise` (the paper's E over x, ε, t): a clean x0 is generated once per target prompt with the frozen model
+(CFG, the configured steps) and cached; each step draws t and ε and calls the scheduler's own `add_noise`.
+`trajectory` (Receler/ESD): the current model denoises from pure noise down to a random step, and that
+partially denoised latent is x_t at that step's timestep. Neither ever pairs pure noise with t < T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import erasers_disabled
+
+
+def make_pipeline(transformer, scheduler):
+    """A CogVideoXPipeline around our transformer for sampling from precomputed embeddings (no T5, no VAE)."""
+    from diffusers import CogVideoXPipeline
+
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1  # CogVideoX's VAE compresses time by 4
+
+
+def rotary_embeddings(pipe, video, device):
+    """The pipeline's rotary position embeddings (CogVideoX-5b), or None for models without them."""
+    if not pipe.transformer.config.use_rotary_positional_embeddings:
+        return None
+    return pipe._prepare_rotary_positional_embeddings(video.height, video.width, latent_frames(video.frames), device)
+
+
+def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, stop_after=None):
+    """Run the pipeline to latents; with `stop_after=k`, stop after k denoising steps."""
+
+    def stop(pipeline, step, timestep, callback_kwargs):
+        if stop_after is not None and step + 1 >= stop_after:
+            pipeline._interrupt = True
+        return {}
+
+    return pipe(
+        prompt_embeds=prompt_embeds.to(device),
+        negative_prompt_embeds=empty.expand_as(prompt_embeds).to(device),
+        num_frames=video.frames,
+        height=video.height,
+        width=video.width,
+        num_inference_steps=sampling.num_inference_steps,
+        guidance_scale=sampling.guidance_scale,
+        generator=generator,
+        output_type="latent",
+        callback_on_step_end=stop if stop_after is not None else None,
+        return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device) -> torch.Tensor:
+    """x0 for each target prompt, generated with the frozen model (adapters off). Returns [n, F, C, H, W] on CPU."""
+    generator = torch.Generator(device).manual_seed(seed)
+    latents = []
+    with erasers_disabled(pipe.transformer):
+        for i in range(target_embeds.shape[0]):
+            latents.append(_generate(pipe, target_embeds[i : i + 1], empty, video, sampling, generator, device).cpu())
+    return torch.cat(latents)
+
+
+def renoise(scheduler, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = add_noise(x0, ε, t) with t uniform over the training timesteps; returns (x_t, t)."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    return scheduler.add_noise(x0, noise, t), t
+
+
+@torch.no_grad()
+def trajectory(pipe, target_embeds, empty, video, sampling, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise with the current model (adapters on) for a random number of steps; returns (x_t, t) on CPU."""
+    stop_after = int(torch.randint(1, sampling.num_inference_steps, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device_generator = torch.Generator(device).manual_seed(seed)
+    latents = _generate(pipe, target_embeds, empty, video, sampling, device_generator, device, stop_after=stop_after)
+    t = pipe.scheduler.timesteps[stop_after]  # the timestep the latents now sit at
+    return latents.cpu(), t.cpu().expand(latents.shape[0])

@@ -1,0 +1,81 @@
+"""Tiny CogVideoX model folders built offline from configs (real diffusers/transformers classes, random weights).
+
+No model hub is reachable here, so tests and the toy world build their own `from_pretrained` folders:
+a word-level tokenizer (T5's own needs a downloaded vocabulary), a small T5 encoder, a small
+`CogVideoXTransformer3DModel` and a CogVideoX scheduler. The VAE is left out: training never needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+TINY_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=32,
+    text_embed_dim=24,
+    num_layers=2,
+    sample_width=8,
+    sample_height=8,
+    sample_frames=9,
+    patch_size=2,
+    max_text_seq_length=12,
+)
+
+
+def word_level_tokenizer(words: list[str], max_length: int):
+    """A lower-casing word-level tokenizer with T5's special tokens (<pad>=0, </s>=1, <unk>=2)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) - set(specials)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def words_of(texts: list[str]) -> list[str]:
+    return sorted({word for text in texts for word in re.findall(r"\w+|[^\w\s]", text.lower())})
+
+
+def build_tiny_cogvideox(folder: str | Path, texts: list[str], seed: int = 0, **transformer_overrides) -> Path:
+    """Write a tiny CogVideoX folder (transformer/, text_encoder/, tokenizer/, scheduler/) whose vocabulary
+    covers the words of `texts`; returns the folder."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    config = {**TINY_TRANSFORMER, **transformer_overrides}
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer(words_of(texts), config["max_text_seq_length"])
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=config["text_embed_dim"],
+            d_kv=8,
+            d_ff=48,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer = CogVideoXTransformer3DModel(**config)
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    transformer.save_pretrained(folder / "transformer")
+    scheduler.save_pretrained(folder / "scheduler")
+    return folder

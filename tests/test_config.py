@@ -1,0 +1,212 @@
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowmem_eraser import ConfigError
+from lowmem_eraser.config import MODEL_SUBFOLDERS, TrainConfig, load_config, load_prompt_pairs
+
+SAMPLE_CSV = Path(__file__).parent / "data" / "prompt_pairs_sample.csv"
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    """A valid config with a fake model folder and the published sample prompts; returns its path."""
+    for sub in MODEL_SUBFOLDERS:
+        (tmp_path / "model" / sub).mkdir(parents=True)
+    shutil.copy(SAMPLE_CSV, tmp_path / "pairs.csv")
+    return write_config(tmp_path, {})
+
+
+def write_config(folder: Path, changes: dict) -> Path:
+    """The valid config with `changes` ({"train.lr": value}; value None deletes the key) applied."""
+    data = {
+        "model": str(folder / "model"),
+        "prompts": str(folder / "pairs.csv"),
+        "concept": "nudity",
+        "output_dir": str(folder / "runs" / "nudity"),
+        "eraser": {"rank": 128},
+        "loss": {"eta": 7.0, "alpha": 1.0, "beta": 0.0, "mask_threshold": 0.1},
+        "sampling": {"mode": "renoise", "num_inference_steps": 50, "guidance_scale": 6.0},
+        "video": {"frames": 49, "height": 480, "width": 720},
+        "train": {"steps": 500, "lr": 1.0e-4, "batch_size": 1, "grad_clip": 1.0, "seed": 0, "save_every": 100},
+        "memory": {"quantize": "int8", "gradient_checkpointing": True, "offload": "none", "dtype": "bfloat16"},
+    }
+    for name, value in changes.items():
+        *sections, leaf = name.split(".")
+        target = data
+        for part in sections:
+            target = target[part]
+        if value is None:
+            del target[leaf]
+        else:
+            target[leaf] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_valid_config_loads_with_defaults(config_file):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "nudity" is in the sample's target prompts: no warning
+        config = load_config(config_file)
+    assert config.model == config_file.parent / "model" and isinstance(config.prompts, Path)
+    assert config.concept == "nudity" and config.eraser.rank == 128 and config.loss.eta == 7.0
+    assert config.train.lr == 1e-4 and config.train.log_every == 1 and config.train.lr_schedule == "constant"
+    assert config.memory.kernels == "auto" and config.sampling.mode == "renoise"
+    again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))
+    assert again == config and config.to_dict()["model"] == str(config.model)
+
+
+def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
+    monkeypatch.chdir(config_file.parent)
+    config = load_config(write_config(config_file.parent, {"model": "model", "prompts": "pairs.csv"}))
+    assert config.model == Path("model") and config.prompts == Path("pairs.csv")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"train.lr": "abc"}, "train.lr: expected a number, got 'abc'"),
+        ({"train.steps": 0}, "train.steps: expected a value > 0, got 0"),
+        ({"train.steps": 1.5}, "train.steps: expected an integer, got 1.5"),
+        ({"train.batch_size": True}, "train.batch_size: expected an integer, got True"),
+        ({"train.lr_schedule": "linear"}, "train.lr_schedule: expected one of constant, cosine; got 'linear'"),
+        ({"train.warmup_steps": 600}, "train.warmup_steps: expected at most train.steps (500), got 600"),
+        ({"eraser.rank": 0}, "eraser.rank: expected a value > 0, got 0"),
+        ({"eraser.rank": -4}, "eraser.rank: expected a value > 0, got -4"),
+        ({"loss.eta": -1.0}, "loss.eta: expected a value >= 0, got -1.0"),
+        ({"loss.alpha": -0.5}, "loss.alpha: expected a value >= 0, got -0.5"),
+        ({"loss.beta": -2}, "loss.beta: expected a value >= 0, got -2"),
+        ({"loss.mask_threshold": 1.5}, "loss.mask_threshold: expected a value in [0, 1], got 1.5"),
+        ({"video.frames": 48}, "video.frames: expected 8k+1 frames (e.g. 49), got 48"),
+        ({"video.height": 470}, "video.height: expected a positive multiple of 16, got 470"),
+        ({"video.width": 700}, "video.width: expected a positive multiple of 16, got 700"),
+        ({"sampling.mode": "noise"}, "sampling.mode: expected one of renoise, trajectory; got 'noise'"),
+        ({"memory.quantize": "int4"}, "memory.quantize: expected one of none, int8, triton, bnb, auto; got 'int4'"),
+        ({"memory.offload": "cpu"}, "memory.offload: expected one of none, blocks; got 'cpu'"),
+        ({"memory.dtype": "fp16"}, "memory.dtype: expected one of bfloat16, float16, float32; got 'fp16'"),
+        ({"memory.kernels": "cuda"}, "memory.kernels: expected one of auto, triton, torch; got 'cuda'"),
+        ({"memory.gradient_checkpointing": "yes"}, "memory.gradient_checkpointing: expected true or false"),
+        ({"train.learning_rate": 1.0}, "train.learning_rate: unknown key"),
+        ({"colour": "red"}, "colour: unknown key"),
+        ({"video": [49]}, "video: expected a mapping, got [49]"),
+        ({"concept": None}, "concept: missing (required)"),
+        ({"concept": "  "}, "concept: expected a non-empty string"),
+        ({"model": "does/not/exist"}, "model: does/not/exist is not a folder"),
+        ({"prompts": "missing.csv"}, "prompts: missing.csv not found"),
+        ({"prompts": "pairs.txt"}, "prompts: expected a .csv, .yaml or .yml file"),
+    ],
+)
+def test_each_bad_value_names_its_field(config_file, changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write_config(config_file.parent, changes))
+
+
+@pytest.mark.parametrize("sub", MODEL_SUBFOLDERS)
+def test_missing_model_subfolder(config_file, sub):
+    (config_file.parent / "model" / sub).rmdir()
+    with pytest.raises(ConfigError, match=f"model: .* has no {sub}/ sub-folder"):
+        load_config(config_file)
+
+
+def test_numbers_written_without_a_dot_are_accepted(config_file):
+    config_file.write_text(config_file.read_text().replace("lr: 0.0001", "lr: 1e-4"))
+    assert yaml.safe_load(config_file.read_text())["train"]["lr"] == "1e-4"  # YAML 1.1 reads it as a string
+    assert load_config(config_file).train.lr == 1e-4
+
+
+def test_overrides(config_file):
+    config = load_config(config_file, ["train.lr=3e-5", "video.frames=9", "memory.offload=blocks", "concept=nude"])
+    assert config.train.lr == 3e-5 and config.video.frames == 9 and config.memory.offload == "blocks"
+    assert config.concept == "nude"
+    config = load_config(config_file, ["eraser={rank: 4}", "train.warmup_steps=5"])
+    assert config.eraser.rank == 4 and config.train.warmup_steps == 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "--set train.lrr: unknown key"),
+        ("trainer.lr=1", "--set trainer.lr: unknown key"),
+        ("concept.word=x", "--set concept.word: unknown key"),
+        ("train.lr", "expected key.sub=value"),
+        ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+    ],
+)
+def test_bad_overrides(config_file, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(config_file, [override])
+
+
+def test_concept_in_no_target_prompt_warns(config_file):
+    with pytest.warns(UserWarning, match="'dragon' appears in none of the 10 target prompts"):
+        load_config(config_file, ["concept=dragon"])
+
+
+def test_sample_csv_loads():
+    pairs = load_prompt_pairs(SAMPLE_CSV)
+    assert len(pairs) == 10
+    assert pairs[0] == (
+        "The painting depicted a woman in a bedroom, bare and exposed.",
+        "The painting portrayed a woman in a bedroom, fully clothed and serene.",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prompt,other\na,b\n", "has no column 'normal prompt'"),
+        ("", "has no column 'prompt'"),
+        ("prompt,normal prompt\n", "holds no prompt pairs"),
+        ("prompt,normal prompt\na,b\n,\nc,d\n", "line 3: empty row"),
+        ("prompt,normal prompt\na,b\nc,  \n", "line 3: empty or non-text 'normal prompt'"),
+        ("prompt,normal prompt\na,b\nc\n", "line 3: empty or non-text 'normal prompt'"),
+        ("prompt,normal prompt\na, nude, walks,b\n", "line 2: 4 cells for 2 columns"),
+    ],
+)
+def test_bad_csv(tmp_path, text, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"prompts: {re.escape(str(path))}.*{re.escape(message)}"):
+        load_prompt_pairs(path)
+
+
+def test_csv_extra_columns_and_quoted_commas(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text('id,normal prompt,prompt\n1,"calm, clothed"," nude, lit "\n')
+    assert load_prompt_pairs(path) == [("nude, lit", "calm, clothed")]
+
+
+def test_yaml_pairs(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    items = [["a nude figure", "a clothed figure"], {"prompt": "nude", "normal prompt": "dressed"}]
+    path.write_text(yaml.safe_dump(items))
+    assert load_prompt_pairs(path) == [("a nude figure", "a clothed figure"), ("nude", "dressed")]
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ({"prompt": "a"}, "must hold a list of [prompt, normal prompt] pairs"),
+        ([["a", "b"], ["c"]], "item 2: expected [prompt, normal prompt]"),
+        ([{"prompt": "a", "normal": "b"}], "item 1: expected [prompt, normal prompt]"),
+        ([["a", ""]], "item 1: empty or non-text 'normal prompt'"),
+        ([[3, "b"]], "item 1: empty or non-text 'prompt'"),
+        ([], "holds no prompt pairs"),
+    ],
+)
+def test_bad_yaml_pairs(tmp_path, items, message):
+    path = tmp_path / "pairs.yml"
+    path.write_text(yaml.safe_dump(items))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_prompt_pairs(path)
+
+
+def test_yaml_prompt_file_in_a_config(config_file):
+    pairs = config_file.parent / "pairs.yaml"
+    pairs.write_text(yaml.safe_dump([["nudity on a beach", "people on a beach"]]))
+    assert load_config(config_file, [f"prompts={pairs}"]).prompts == pairs
