@@ -86,13 +86,14 @@ def _up_kernel(
     M, N, K,
     stride_wk, stride_wn,
     scale,
-    FORWARD: tl.constexpr, DOT_TY: tl.constexpr, PRECISION: tl.constexpr,
+    FORWARD: tl.constexpr, ADD_RES: tl.constexpr, DOT_TY: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Full-width output from a rank-sized fp32 activation ``a`` [M, K], residual fused.
 
     forward:  out = x + scale * (gelu(h) @ Wu^T + bu)   (GELU recomputed per tile, never stored)
     backward: dx  = grad + dh @ Wd                      (scale is already inside dh)
+    Without ADD_RES the residual term (x, resp. grad) is left out: the adapter output alone.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,8 +117,9 @@ def _up_kernel(
         acc = scale * (acc + bias[None, :])
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (res + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    if ADD_RES:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -196,9 +198,9 @@ def _down(a, w_kn, bias_or_h, scale, backward):
     return out
 
 
-def _up(a, w_kn, bias, res, scale):
+def _up(a, w_kn, bias, res, scale, add_res):
     """res + scale * (gelu(a) @ w_kn + bias) (forward), or res + a @ w_kn when bias is None (backward);
-    [M, dim] in res's dtype."""
+    without `add_res` the `res +` is left out. [M, dim] in res's dtype."""
     M, K = a.shape
     N = res.shape[1]
     out = torch.empty_like(res)
@@ -207,7 +209,7 @@ def _up(a, w_kn, bias, res, scale):
     forward = bias is not None
     _up_kernel[grid](
         a, w_kn, bias if forward else out, res, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale,
-        FORWARD=forward, **_dot_args(res.dtype), **cfg,
+        FORWARD=forward, ADD_RES=add_res, **_dot_args(res.dtype), **cfg,
     )
     return out
 
@@ -241,19 +243,19 @@ def _weight_grad(a, b, scale, gelu_b, dot_dtype, w_dtype, b_dtype):
 
 class _EraserAdapterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, scale):
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, scale, residual):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         h = _down(x2d, down_weight.t(), down_bias, 1.0, False)
-        out = _up(h, up_weight.t(), up_bias, x2d, scale)
+        out = _up(h, up_weight.t(), up_bias, x2d, scale, residual)
         ctx.save_for_backward(x2d, h, down_weight, up_weight)
-        ctx.scale = scale
+        ctx.scale, ctx.residual = scale, residual
         ctx.bias_dtypes = (down_bias.dtype, up_bias.dtype)
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, h, down_weight, up_weight = ctx.saved_tensors
-        needs_x, needs_wd, needs_bd, needs_wu, needs_bu, _ = ctx.needs_input_grad
+        needs_x, needs_wd, needs_bd, needs_wu, needs_bu = ctx.needs_input_grad[:5]
         grad = grad_out.reshape(x2d.shape).contiguous()
         dx = d_wd = d_bd = d_wu = d_bu = None
         if needs_wu or needs_bu:
@@ -261,18 +263,19 @@ class _EraserAdapterFunction(torch.autograd.Function):
         if needs_x or needs_wd or needs_bd:
             dh = _down(grad, up_weight, h, ctx.scale, True)
             if needs_x:
-                dx = _up(dh, down_weight, None, grad, 1.0)
+                dx = _up(dh, down_weight, None, grad, 1.0, ctx.residual)
                 dx = dx.view(grad_out.shape)
             if needs_wd or needs_bd:
                 d_wd, d_bd = _weight_grad(dh, x2d, 1.0, False, x2d.dtype, down_weight.dtype, ctx.bias_dtypes[0])
-        return dx, d_wd, d_bd, d_wu, d_bu, None
+        return dx, d_wd, d_bd, d_wu, d_bu, None, None
 
 
-def eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale=1.0):
+def eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, residual=True):
     """PyTorch reference: weights cast to x's dtype, exact erf GELU."""
     dt = x.dtype
     h = F.gelu(F.linear(x, down_weight.to(dt), down_bias.to(dt)), approximate="none")
-    return x + scale * F.linear(h, up_weight.to(dt), up_bias.to(dt))
+    delta = scale * F.linear(h, up_weight.to(dt), up_bias.to(dt))
+    return x + delta if residual else delta
 
 
 def _runs_triton(x: torch.Tensor) -> bool:
@@ -281,13 +284,14 @@ def _runs_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")
 
 
-def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0):
+def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, residual=True):
     """``x + scale * (gelu(x @ Wd^T + bd) @ Wu^T + bu)`` for x [..., dim]; fused Triton kernels
-    where Triton can run, else the PyTorch reference. Output in x's dtype; fp32 accumulation."""
+    where Triton can run, else the PyTorch reference. Output in x's dtype; fp32 accumulation.
+    ``residual=False`` returns the adapter output alone (what the localisation loss needs)."""
     rank, dim = down_weight.shape
     if x.shape[-1] != dim or tuple(up_weight.shape) != (dim, rank):
         raise ValueError(f"x [..., {x.shape[-1]}], down_weight {tuple(down_weight.shape)}, "
                          f"up_weight {tuple(up_weight.shape)} do not compose")
     if not _runs_triton(x) or x.numel() == 0:
-        return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale)
-    return _EraserAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, float(scale))
+        return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale, residual)
+    return _EraserAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, float(scale), residual)

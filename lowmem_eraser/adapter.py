@@ -11,7 +11,6 @@ import functools
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -40,8 +39,7 @@ class EraserAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """`up(GELU(down(x)))` computed in x's dtype from the fp32 master weights (casts are differentiable)."""
-        h = F.linear(x, self.down.weight.to(x.dtype), self.down.bias.to(x.dtype))
-        return F.linear(F.gelu(h), self.up.weight.to(x.dtype), self.up.bias.to(x.dtype))
+        return eraser_adapter_reference(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, residual=False)
 
 
 class EraserSet(nn.ModuleDict):
@@ -175,22 +173,24 @@ def _adapter_hook(erasers: EraserSet, adapter: EraserAdapter, module, args, outp
         erasers.to(video.device)  # in place: parameter identity (and optimizer state) is kept
     if erasers.localization_mask is None:
         return apply_adapter(adapter, video, erasers.scale, erasers.kernels), text
-    delta = erasers.scale * adapter.delta(video)  # L_loc needs the adapter output itself, not x + output
+    delta = apply_adapter(adapter, video, erasers.scale, erasers.kernels, residual=False)  # L_loc needs it alone
     term = localization_loss(delta, erasers.localization_mask)
     if not erasers.recomputing:
         erasers.localization_terms.append(term)
     return video + delta, text
 
 
-def apply_adapter(adapter: EraserAdapter, x: torch.Tensor, scale: float, kernels: str = "auto") -> torch.Tensor:
-    """`x + scale * adapter.delta(x)` in x's dtype: the fused Triton op (`kernels` auto: on CUDA or under the
-    Triton interpreter; triton: always) or the PyTorch reference."""
+def apply_adapter(
+    adapter: EraserAdapter, x: torch.Tensor, scale: float, kernels: str = "auto", residual: bool = True
+) -> torch.Tensor:
+    """`x + scale * adapter.delta(x)` (or the scaled delta alone) in x's dtype: the fused Triton op
+    (`kernels` auto: on CUDA or under the Triton interpreter; triton: always) or the PyTorch reference."""
     weights = (adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias)
     if kernels == "torch":
-        return eraser_adapter_reference(x, *weights, scale)
+        return eraser_adapter_reference(x, *weights, scale, residual)
     if kernels == "triton" and not triton_available():
         raise LowmemEraserError("kernels: triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
-    return eraser_adapter(x, *weights, scale)
+    return eraser_adapter(x, *weights, scale, residual)
 
 
 def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args, kwargs):

@@ -52,6 +52,14 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({eraser.family}, {len(eraser.state)} blocks, rank {eraser.rank})")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    out = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"eraser written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-eraser", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="eraser folder or weights file")
     convert.add_argument("dst", help="destination file ending in .pt or .safetensors")
     convert.set_defaults(run=_convert)
+
+    train = commands.add_parser("train", help="train an eraser from a YAML config")
+    train.add_argument("--config", required=True, help="YAML training config (see configs/README.md)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    train.set_defaults(run=_train)
     return parser
 
 

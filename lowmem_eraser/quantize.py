@@ -64,7 +64,8 @@ def _bnb_linear(linear: nn.Linear) -> nn.Module:
     return layer.to(linear.weight.device)  # bitsandbytes quantises on this move
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend `backend` means for weights that will run on `device`."""
     if backend not in BACKENDS:
         raise LowmemEraserError(f"quantize backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -92,7 +93,7 @@ def quantize_base(transformer: nn.Module, backend: str = "auto") -> nn.Module:
     ]
     if not targets:
         raise LowmemEraserError("quantize_base: no nn.Linear left in transformer_blocks (already quantised?)")
-    chosen = _resolve_backend(backend, targets[0][2].weight.device)
+    chosen = resolve_backend(backend, targets[0][2].weight.device)
     for parent, child_name, linear in targets:
         if chosen == "bnb":
             replacement = _bnb_linear(linear)

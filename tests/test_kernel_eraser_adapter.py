@@ -178,3 +178,26 @@ print("fallback ok")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fallback ok" in result.stdout
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adapter_output_alone_without_residual(dtype):
+    """residual=False returns scale * (gelu(h) @ Wu^T + bu) and dx without the identity term."""
+    x, params, grad = _inputs((37,), 100, 24, dtype, torch.float32, True)
+    delta = eraser_adapter(x, *params, scale=SCALE, residual=False)
+    assert type(delta.grad_fn).__name__ == "_EraserAdapterFunctionBackward"
+    dx, *weight_grads = torch.autograd.grad(delta, [x, *params], grad)
+    ref = _reference64(x, *params, grad, SCALE)
+    x64, g64 = x.detach().double(), grad.double()
+    expected = {"out": ref["out"][0] - x64, "dx": ref["dx"][0] - g64}
+    for name, value in (("out", delta), ("dx", dx)):
+        err = (value.detach().double() - expected[name]).abs()
+        ratio = (err / (EPS[dtype] * (ref[name][1] + expected[name].abs()))).max().item()
+        assert ratio <= C, f"{name}: {ratio:.2f} x eps * scale"
+    for name, value in zip(("d_down_w", "d_down_b", "d_up_w", "d_up_b"), weight_grads):
+        err = (value.double() - ref[name][0]).abs()
+        assert (err / (EPS[torch.float32] * (ref[name][1] + ref[name][0].abs()))).max().item() <= C, name
+    torch.testing.assert_close(
+        delta, eraser_adapter_reference(x, *params, scale=SCALE, residual=False), rtol=0, atol=4 * EPS[dtype] * 10
+    )

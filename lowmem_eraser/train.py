@@ -1,0 +1,296 @@
+"""`lowmem-eraser train`: the T2VUnlearning training loop, top to bottom in one file.
+
+One frozen transformer serves both kinds of pass: the original model θ (adapters off, no grad) and the
+erased model θ' (adapters on, grad to the fp32 adapters only). Each memory trick is a module behind one
+config switch: `memory.quantize` (quantize.py), `memory.gradient_checkpointing` (adapter.py replays the
+adapter switches at recomputation), `memory.offload` (offload.py), `memory.kernels` (kernels/); the text
+encoder runs once and is freed before the transformer loads (text.py) and the VAE is never loaded.
+
+    v_neg = v_θ(x_t, ∅) − η·(v_θ(x_t, c) − v_θ(x_t, ∅))
+    L = ‖v_θ'(x_t, c) − v_neg‖² + α·L_loc + β·‖v_θ'(x_t, c_pre) − v_θ(x_t, c_pre)‖²
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from .adapter import attach_erasers, erasers_disabled
+from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
+from .errors import ConfigError, LowmemEraserError
+from .localization import ConceptMaskCapture
+from .memory import MemoryMeter
+from .offload import BlockOffloader
+from .quantize import quantize_base, resolve_backend
+from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
+from .serialization import atomic_write, save_erasers
+from .text import cache_key, encode_prompts
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_BAD_STEPS = 10  # consecutive non-finite steps before giving up
+
+
+class TrainingError(LowmemEraserError):
+    """Training cannot go on (e.g. the loss stayed non-finite)."""
+
+
+def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device):
+    """The one frozen base: loaded on CPU, optionally quantised there, then moved (or streamed) to `device`."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(config.model / "transformer", torch_dtype=dtype)
+    transformer.requires_grad_(False)
+    if config.memory.quantize != "none":
+        quantize_base(transformer, backend=resolve_backend(config.memory.quantize, device))
+    if config.memory.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if config.memory.offload == "blocks" and device.type == "cuda":
+        for name, module in transformer.named_children():
+            if name != "transformer_blocks":
+                module.to(device)
+        BlockOffloader(transformer, device).attach()
+    else:
+        if config.memory.offload == "blocks":
+            tqdm.write("offload: blocks needs CUDA; on this device every weight stays where it is (no-op)")
+        transformer.to(device)
+    return transformer
+
+
+def load_scheduler(model: Path):
+    import diffusers
+
+    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    return getattr(diffusers, scheduler_config["_class_name"]).from_pretrained(model / "scheduler")
+
+
+def lr_factor(train: TrainLoopConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def velocity(transformer, x_t, t, text, rotary):
+    """The transformer's v-prediction for latents x_t [B, F, C, H, W] at timesteps t, text embeddings [B, L, D]."""
+    return transformer(
+        hidden_states=x_t, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary, return_dict=False
+    )[0]
+
+
+def cached(path: Path, make):
+    """Load `path` if present, else build it with `make()` and write it atomically."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
+    return value
+
+
+def save_training_state(folder: Path, step: int, erasers, optimizer, schedule, generator, bad_steps: int) -> None:
+    """Everything a bit-exact resume needs, in ONE atomically written file (plus the published eraser)."""
+    state = {
+        "step": step,
+        "erasers": erasers.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "bad_steps": bad_steps,
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "training_state.pt", lambda tmp: torch.save(state, tmp))
+    save_erasers(erasers, folder, metadata={"step": step})
+
+
+def load_training_state(folder: Path, erasers, optimizer, schedule, generator) -> tuple[int, int]:
+    path = folder / "training_state.pt"
+    if not path.is_file():
+        raise TrainingError(f"--resume: {path} not found (no checkpoint to resume from)")
+    state = torch.load(path, weights_only=True)
+    erasers.load_state_dict(state["erasers"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["bad_steps"]
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "unlearn", "loc", "pre"):
+        if any(row[key] for row in rows):
+            ax.plot([row["step"] for row in rows], [row[key] for row in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train an eraser as configured; returns the output folder (published eraser format + sidecar)."""
+    validate(config)
+    if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
+        raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[config.memory.dtype]
+    loss_cfg, loop, video = config.loss, config.train, config.video
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    pairs = load_prompt_pairs(config.prompts)
+    torch.manual_seed(loop.seed)
+
+    # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
+    from diffusers import CogVideoXTransformer3DModel
+
+    max_length = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["max_text_seq_length"]
+    text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache")
+    if loss_cfg.alpha > 0 and not text.concept_tokens.any(dim=1).all():
+        missing = int((~text.concept_tokens.any(dim=1)).sum())
+        tqdm.write(f"note: the concept {config.concept!r} has no tokens in {missing} of {len(pairs)} target prompts")
+
+    # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
+    transformer = load_transformer(config, dtype, device)
+    erasers = attach_erasers(transformer, rank=config.eraser.rank)
+    erasers.to(device)
+    erasers.kernels = config.memory.kernels
+    scheduler = load_scheduler(config.model)
+    pipe = make_pipeline(transformer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    rotary = rotary_embeddings(pipe, video, device)
+    frames = latent_frames(video.frames)
+
+    # 3. x0 for `renoise`: one sample per target prompt from the frozen model, generated once and cached.
+    if config.sampling.mode == "renoise":
+        settings = [cache_key(config.model, pairs, config.concept, max_length, dtype), loop.seed,
+                    config.to_dict()["sampling"], config.to_dict()["video"], config.memory.quantize]
+        x0_path = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}.pt"
+        x0 = cached(x0_path, lambda: generate_clean_latents(
+            pipe, text.target, text.empty, video, config.sampling, loop.seed, device))
+
+    # 4. Optimiser on the fp32 adapter parameters only; all sampling randomness from one saved generator.
+    optimizer = torch.optim.AdamW(erasers.parameters(), lr=loop.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(loop, step))
+    generator = torch.Generator().manual_seed(loop.seed)
+    start, bad_steps = 0, 0
+    if resume:
+        start, bad_steps = load_training_state(out / "checkpoint", erasers, optimizer, schedule, generator)
+    metrics_path = out / "metrics.jsonl"
+    kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
+    metrics_path.write_text("".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start))
+
+    done = start  # steps completed
+    bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc="erasing", dynamic_ncols=True)
+    try:
+        with MemoryMeter(device) as meter, metrics_path.open("a") as metrics:
+            for step in bar:
+                began = time.perf_counter()
+                step_rng = generator.get_state()  # an interrupted step is redone from here on --resume
+                index = torch.randint(0, len(pairs), (loop.batch_size,), generator=generator)
+                c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
+                empty = text.empty.expand_as(c).to(device)
+                if config.sampling.mode == "renoise":
+                    x_t, t = renoise(scheduler, x0[index], generator)
+                else:
+                    x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
+                x_t, t = x_t.to(device, dtype), t.to(device)
+
+                # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
+                with torch.no_grad(), erasers_disabled(transformer):
+                    if loss_cfg.alpha > 0:
+                        with ConceptMaskCapture(transformer, text.concept_tokens[index], frames) as capture:
+                            v_c = velocity(transformer, x_t, t, c, rotary)
+                        mask = capture.mask(loss_cfg.mask_threshold)
+                    else:
+                        v_c = velocity(transformer, x_t, t, c, rotary)
+                    v_empty = velocity(transformer, x_t, t, empty, rotary)
+                    v_neg = (v_empty - loss_cfg.eta * (v_c - v_empty)).float()
+                    del v_c, v_empty
+                    v_pre = velocity(transformer, x_t, t, c_pre, rotary).float() if loss_cfg.beta > 0 else None
+
+                # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
+                loc = torch.zeros((), device=device)
+                if loss_cfg.alpha > 0:
+                    with erasers.collecting_localization(mask) as terms:
+                        v_erased = velocity(transformer, x_t, t, c, rotary)
+                    loc = torch.stack(terms).mean()
+                else:
+                    v_erased = velocity(transformer, x_t, t, c, rotary)
+                unlearn = F.mse_loss(v_erased.float(), v_neg)
+                (unlearn + loss_cfg.alpha * loc).backward()
+                del v_erased, v_neg
+                pre = torch.zeros((), device=device)
+                if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
+                    pre = F.mse_loss(velocity(transformer, x_t, t, c_pre, rotary).float(), v_pre)
+                    (loss_cfg.beta * pre).backward()
+                loss = unlearn.detach() + loss_cfg.alpha * loc.detach() + loss_cfg.beta * pre.detach()
+
+                grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
+                skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+                if skipped:  # NaN/Inf guard: never let a non-finite update reach the weights
+                    bad_steps += 1
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise TrainingError(
+                            f"step {step}: loss or gradients non-finite {bad_steps} steps in a row; stopping. "
+                            "Lower train.lr or loss.eta, or use memory.dtype: bfloat16 instead of float16"
+                        )
+                else:
+                    bad_steps = 0
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+
+                seconds = time.perf_counter() - began
+                row = {
+                    "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
+                    "pre": pre.item(), "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                    "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
+                }
+                if step % loop.log_every == 0 or step == loop.steps - 1:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4g}", unlearn=f"{row['unlearn']:.4g}", loc=f"{row['loc']:.3g}",
+                                pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
+                done = step + 1
+                if done % loop.save_every == 0 and done < loop.steps:
+                    save_training_state(out / "checkpoint", done, erasers, optimizer, schedule, generator, bad_steps)
+    except KeyboardInterrupt:
+        if done == step:  # interrupted inside a step (before its update): rewind its random draws
+            generator.set_state(step_rng)
+        save_training_state(out / "checkpoint", done, erasers, optimizer, schedule, generator, bad_steps)
+        tqdm.write(f"interrupted after {done} steps: checkpoint saved; continue with --resume")
+        return out
+    finally:
+        bar.close()
+
+    save_training_state(out / "checkpoint", loop.steps, erasers, optimizer, schedule, generator, bad_steps)
+    metadata = {"concept": config.concept, "eta": loss_cfg.eta, "alpha": loss_cfg.alpha, "beta": loss_cfg.beta,
+                "steps": loop.steps, "config": config.to_dict()}
+    save_erasers(erasers, out, metadata=metadata)
+    if metrics_path.stat().st_size:
+        plot_losses(metrics_path, out / "loss.png")
+    return out
