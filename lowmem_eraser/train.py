@@ -98,13 +98,12 @@ def cached(path: Path, make):
     return value
 
 
-def save_training_state(folder: Path, step: int, erasers, optimizer, schedule, generator, bad_steps: int) -> None:
+def save_training_state(folder: Path, step: int, erasers, optimizer, generator, bad_steps: int) -> None:
     """Everything a bit-exact resume needs, in ONE atomically written file (plus the published eraser)."""
     state = {
         "step": step,
         "erasers": erasers.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "bad_steps": bad_steps,
@@ -116,14 +115,13 @@ def save_training_state(folder: Path, step: int, erasers, optimizer, schedule, g
     save_erasers(erasers, folder, metadata={"step": step})
 
 
-def load_training_state(folder: Path, erasers, optimizer, schedule, generator) -> tuple[int, int]:
+def load_training_state(folder: Path, erasers, optimizer, generator) -> tuple[int, int]:
     path = folder / "training_state.pt"
     if not path.is_file():
         raise TrainingError(f"--resume: {path} not found (no checkpoint to resume from)")
     state = torch.load(path, weights_only=True)
     erasers.load_state_dict(state["erasers"])
     optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
@@ -194,11 +192,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     # 4. Optimiser on the fp32 adapter parameters only; all sampling randomness from one saved generator.
     optimizer = torch.optim.AdamW(erasers.parameters(), lr=loop.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(loop, step))
     generator = torch.Generator().manual_seed(loop.seed)
     start, bad_steps = 0, 0
     if resume:
-        start, bad_steps = load_training_state(out / "checkpoint", erasers, optimizer, schedule, generator)
+        start, bad_steps = load_training_state(out / "checkpoint", erasers, optimizer, generator)
     metrics_path = out / "metrics.jsonl"
     kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
     metrics_path.write_text("".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start))
@@ -210,6 +207,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             for step in bar:
                 began = time.perf_counter()
                 step_rng = generator.get_state()  # an interrupted step is redone from here on --resume
+                lr = loop.lr * lr_factor(loop, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 index = torch.randint(0, len(pairs), (loop.batch_size,), generator=generator)
                 c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
                 empty = text.empty.expand_as(c).to(device)
@@ -262,12 +262,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     bad_steps = 0
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                schedule.step()
 
                 seconds = time.perf_counter() - began
                 row = {
                     "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
-                    "pre": pre.item(), "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                    "pre": pre.item(), "lr": lr, "grad_norm": grad_norm.item(),
                     "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
                 }
                 if step % loop.log_every == 0 or step == loop.steps - 1:
@@ -277,17 +276,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                                 pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
                 done = step + 1
                 if done % loop.save_every == 0 and done < loop.steps:
-                    save_training_state(out / "checkpoint", done, erasers, optimizer, schedule, generator, bad_steps)
+                    save_training_state(out / "checkpoint", done, erasers, optimizer, generator, bad_steps)
     except KeyboardInterrupt:
         if done == step:  # interrupted inside a step (before its update): rewind its random draws
             generator.set_state(step_rng)
-        save_training_state(out / "checkpoint", done, erasers, optimizer, schedule, generator, bad_steps)
+        save_training_state(out / "checkpoint", done, erasers, optimizer, generator, bad_steps)
         tqdm.write(f"interrupted after {done} steps: checkpoint saved; continue with --resume")
         return out
     finally:
         bar.close()
 
-    save_training_state(out / "checkpoint", loop.steps, erasers, optimizer, schedule, generator, bad_steps)
+    save_training_state(out / "checkpoint", loop.steps, erasers, optimizer, generator, bad_steps)
     metadata = {"concept": config.concept, "eta": loss_cfg.eta, "alpha": loss_cfg.alpha, "beta": loss_cfg.beta,
                 "steps": loop.steps, "config": config.to_dict()}
     save_erasers(erasers, out, metadata=metadata)

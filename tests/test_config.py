@@ -4,12 +4,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lowmem_eraser import ConfigError
 from lowmem_eraser.config import MODEL_SUBFOLDERS, TrainConfig, load_config, load_prompt_pairs
 
-SAMPLE_CSV = Path(__file__).parent / "data" / "prompt_pairs_sample.csv"
+SAMPLE_CSV = Path(__file__).parents[1] / "configs" / "prompts" / "nudity_sample.csv"
 
 
 @pytest.fixture
@@ -210,3 +211,34 @@ def test_yaml_prompt_file_in_a_config(config_file):
     pairs = config_file.parent / "pairs.yaml"
     pairs.write_text(yaml.safe_dump([["nudity on a beach", "people on a beach"]]))
     assert load_config(config_file, [f"prompts={pairs}"]).prompts == pairs
+
+
+FULL_SIZE = {
+    "cogvideox-2b": (dict(num_attention_heads=30, attention_head_dim=64, num_layers=30), 14_807_040),
+    "cogvideox-5b": (dict(num_attention_heads=48, attention_head_dim=64, num_layers=42,
+                          use_rotary_positional_embeddings=True), 33_164_544),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_shipped_configs_fit_the_full_size_model_built_on_meta(name, tmp_path):
+    """The 2b/5b configs validate, and their video size and rank fit the real architecture."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from lowmem_eraser import attach_erasers
+    from lowmem_eraser.sampling import latent_frames
+
+    overrides, eraser_params = FULL_SIZE[name]
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**overrides)
+    model = tmp_path / "model"
+    transformer.save_config(model / "transformer")
+    for sub in ("text_encoder", "tokenizer", "scheduler"):
+        (model / sub).mkdir(parents=True)
+    root = Path(__file__).parents[1]
+    config = load_config(root / "configs" / f"{name}.yaml", [f"model={model}", f"prompts={root / 'configs/prompts/nudity_sample.csv'}"])
+    cfg = CogVideoXTransformer3DModel.load_config(model / "transformer")
+    assert latent_frames(config.video.frames) == (cfg["sample_frames"] - 1) // 4 + 1 == 13
+    assert (config.video.height // 8, config.video.width // 8) == (cfg["sample_height"], cfg["sample_width"])
+    erasers = attach_erasers(transformer, rank=config.eraser.rank)
+    assert sum(p.numel() for p in erasers.parameters()) == eraser_params  # SPEC §1
