@@ -217,6 +217,8 @@ def test_one_base_copy_serves_both_kinds_of_pass(tiny_model, tmp_path):
     from lowmem_eraser.sampling import make_pipeline
 
     config = load_config(make_config(tiny_model, tmp_path / "copies"))
+    gc.collect()
+    existing = {id(obj) for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)}
     transformer = train_module.load_transformer(config, torch.float32, torch.device("cpu"))
     attach_erasers(transformer, rank=8)
     pipe = make_pipeline(transformer, train_module.load_scheduler(config.model))
@@ -227,7 +229,7 @@ def test_one_base_copy_serves_both_kinds_of_pass(tiny_model, tmp_path):
     foreign = [
         obj for obj in gc.get_objects()
         if type(obj) in (torch.Tensor, torch.nn.Parameter) and (tuple(obj.shape), obj.dtype) in signatures
-        and obj.untyped_storage().data_ptr() not in own_storages
+        and obj.untyped_storage().data_ptr() not in own_storages and id(obj) not in existing
     ]
     assert pipe.transformer is transformer
     assert len(own_storages) == len({id(t) for t in own})  # no two base tensors share or duplicate storage
