@@ -236,6 +236,13 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"train.warmup_steps: expected at most train.steps ({config.train.steps}), got {config.train.warmup_steps}"
         )
+    if config.memory.offload == "blocks" and not config.memory.gradient_checkpointing:
+        raise ConfigError(
+            "memory.offload: blocks needs memory.gradient_checkpointing: true (backward re-fetches each block's "
+            "weights through the recomputation)"
+        )
+    if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
+        raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
     if not any(concept_spans(target, config.concept) for target, _ in pairs):
         warnings.warn(
             f"concept {config.concept!r} appears in none of the {len(pairs)} target prompts of {config.prompts}: "

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapter import attach_erasers, erasers_disabled
 from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
-from .errors import ConfigError, LowmemEraserError
+from .errors import LowmemEraserError
 from .localization import ConceptMaskCapture
 from .memory import MemoryMeter
 from .offload import BlockOffloader
@@ -151,8 +151,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train an eraser as configured; returns the output folder (published eraser format + sidecar)."""
     validate(config)
-    if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
-        raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.memory.dtype]
     loss_cfg, loop, video = config.loss, config.train, config.video

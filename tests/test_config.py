@@ -100,6 +100,10 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
         ({"model": "does/not/exist"}, "model: does/not/exist is not a folder"),
         ({"prompts": "missing.csv"}, "prompts: missing.csv not found"),
         ({"prompts": "pairs.txt"}, "prompts: expected a .csv, .yaml or .yml file"),
+        ({"memory.offload": "blocks", "memory.gradient_checkpointing": False},
+         "memory.offload: blocks needs memory.gradient_checkpointing: true"),
+        ({"sampling.mode": "trajectory", "sampling.num_inference_steps": 1},
+         "sampling.num_inference_steps: trajectory sampling needs at least 2 steps"),
     ],
 )
 def test_each_bad_value_names_its_field(config_file, changes, message):

@@ -248,3 +248,16 @@ def test_trajectory_sampling_and_cpu_offload_notice(tiny_model, tmp_path, capsys
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint to resume from"):
         train(load_config(make_config(tiny_model, tmp_path / "fresh")), resume=True)
+
+
+def test_learning_rate_warmup_then_constant_or_cosine():
+    from lowmem_eraser.config import TrainLoopConfig
+    from lowmem_eraser.train import lr_factor
+
+    constant = TrainLoopConfig(steps=10, warmup_steps=4, lr_schedule="constant")
+    assert [lr_factor(constant, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = TrainLoopConfig(steps=10, warmup_steps=2, lr_schedule="cosine")
+    factors = [lr_factor(cosine, s) for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
+    assert lr_factor(cosine, 10) == pytest.approx(0.0)
