@@ -60,6 +60,14 @@ def _train(args: argparse.Namespace) -> None:
     print(f"eraser written to {out}")
 
 
+def _infer(args: argparse.Namespace) -> None:
+    from .infer import Generation, infer
+
+    spec = Generation(args.prompt, steps=args.steps, frames=args.frames, guidance=args.guidance, seed=args.seed)
+    out = infer(args.model, args.eraser, spec, args.output, args.strength, args.offload, args.compare)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-eraser", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.steps=10 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     train.set_defaults(run=_train)
+
+    infer = commands.add_parser("infer", help="generate a video with an eraser loaded")
+    infer.add_argument("--model", required=True, help="local diffusers CogVideoX folder")
+    infer.add_argument("--eraser", required=True, help="eraser folder or weights file")
+    infer.add_argument("--prompt", required=True)
+    infer.add_argument("--output", required=True, help="out.gif or out.mp4")
+    infer.add_argument("--strength", type=float, default=1.0, help="eraser scale (0 = off, 1 = as trained)")
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--steps", type=int, default=50)
+    infer.add_argument("--frames", type=int, default=49, help="8k+1 frames")
+    infer.add_argument("--guidance", type=float, default=6.0)
+    infer.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                       help="CUDA only: the pipeline's model / sequential CPU offload")
+    infer.add_argument("--compare", action="store_true", help="write base | erased side by side (same seed)")
+    infer.set_defaults(run=_infer)
     return parser
 
 

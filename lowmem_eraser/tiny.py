@@ -48,10 +48,12 @@ def words_of(texts: list[str]) -> list[str]:
     return sorted({word for text in texts for word in re.findall(r"\w+|[^\w\s]", text.lower())})
 
 
-def build_tiny_cogvideox(folder: str | Path, texts: list[str], seed: int = 0, **transformer_overrides) -> Path:
-    """Write a tiny CogVideoX folder (transformer/, text_encoder/, tokenizer/, scheduler/) whose vocabulary
-    covers the words of `texts`; returns the folder."""
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+def build_tiny_cogvideox(
+    folder: str | Path, texts: list[str], seed: int = 0, with_vae: bool = False, **transformer_overrides
+) -> Path:
+    """Write a tiny CogVideoX folder (transformer/, text_encoder/, tokenizer/, scheduler/, and vae/ if asked)
+    whose vocabulary covers the words of `texts`; returns the folder."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     config = {**TINY_TRANSFORMER, **transformer_overrides}
@@ -78,4 +80,13 @@ def build_tiny_cogvideox(folder: str | Path, texts: list[str], seed: int = 0, **
     text_encoder.save_pretrained(folder / "text_encoder")
     transformer.save_pretrained(folder / "transformer")
     scheduler.save_pretrained(folder / "scheduler")
+    if with_vae:  # 8x spatial, 4x temporal compression like the real VAE, 65k parameters
+        AutoencoderKLCogVideoX(
+            latent_channels=config["in_channels"],
+            down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=2,
+        ).save_pretrained(folder / "vae")
     return folder

@@ -1,0 +1,97 @@
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize_erasers
+from lowmem_eraser import EraserFormatError, LowmemEraserError, attach_erasers, save_erasers
+from lowmem_eraser.cli import main as cli_main
+from lowmem_eraser.tiny import build_tiny_cogvideox
+
+PROMPTS = ["a red ball moving left", "a blue ball moving left"]
+
+
+@pytest.fixture(scope="module")
+def vae_model(tmp_path_factory):
+    """A tiny CogVideoX folder with a tiny VAE (64x64 px, 9 frames) and a random eraser for it."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    root = tmp_path_factory.mktemp("infer")
+    model = build_tiny_cogvideox(root / "model", PROMPTS, with_vae=True, max_text_seq_length=8)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model / "transformer")
+    randomize_erasers(attach_erasers(transformer, rank=4), std=0.5)
+    save_erasers(transformer, root / "eraser")
+    return root
+
+
+def _args(root, output, *extra):
+    return ["infer", "--model", str(root / "model"), "--eraser", str(root / "eraser"), "--prompt", PROMPTS[0],
+            "--output", str(output), "--steps", "2", "--frames", "9", *extra]
+
+
+def test_infer_writes_a_gif_and_compare_puts_base_and_erased_side_by_side(vae_model, tmp_path):
+    assert cli_main(_args(vae_model, tmp_path / "out.gif")) == 0
+    with Image.open(tmp_path / "out.gif") as gif:
+        assert gif.n_frames == 9 and gif.size == (64, 64)
+    assert cli_main(_args(vae_model, tmp_path / "cmp.gif", "--compare")) == 0
+    with Image.open(tmp_path / "cmp.gif") as gif:
+        assert gif.n_frames == 9 and gif.size == (64 + 2 + 64, 64)
+        frame = np.asarray(gif.convert("RGB"))
+    assert not np.array_equal(frame[:, :64], frame[:, 66:])  # the eraser changes the video; same seed
+
+
+def test_strength_zero_and_disabled_erasers_give_the_base_video(vae_model):
+    from lowmem_eraser import erasers_disabled, load_erasers, set_eraser_scale
+    from lowmem_eraser.infer import Generation, generate, load_pipeline
+
+    pipe = load_pipeline(vae_model / "model")
+    spec = Generation(PROMPTS[0], steps=2, frames=9)
+    base = generate(pipe, spec)
+    assert base.shape == (9, 64, 64, 3) and base.dtype == np.uint8
+    load_erasers(pipe.transformer, vae_model / "eraser")
+    erased = generate(pipe, spec)
+    with erasers_disabled(pipe.transformer):
+        assert np.array_equal(generate(pipe, spec), base)
+    set_eraser_scale(pipe.transformer, 0.0)
+    assert np.array_equal(generate(pipe, spec), base)
+    assert not np.array_equal(erased, base)
+
+
+def test_infer_writes_an_mp4(vae_model, tmp_path):
+    assert cli_main(_args(vae_model, tmp_path / "out.mp4", "--seed", "3")) == 0
+    frames = iio.imread(tmp_path / "out.mp4")
+    assert frames.shape == (9, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--frames": "8"}, "--frames: expected 8k+1 frames"),
+        ({"--output": "out.avi"}, "must end in .gif or .mp4"),
+        ({"--model": "missing"}, "has no transformer/ folder"),
+        ({"--offload": "model"}, "there is no CUDA here"),
+    ],
+)
+def test_infer_bad_input_is_one_clear_error(vae_model, tmp_path, capsys, change, message):
+    args = _args(vae_model, tmp_path / "out.gif")
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = str(tmp_path / value) if flag in ("--model", "--output") else value
+        else:
+            args += [flag, value]
+    assert cli_main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_infer_refuses_an_eraser_for_another_model(vae_model, tmp_path, capsys):
+    from conftest import tiny_transformer
+
+    other = tiny_transformer(num_attention_heads=3)  # dim 48, not 32
+    save_erasers_path = tmp_path / "other"
+    attach_erasers(other, rank=4)
+    save_erasers(other, save_erasers_path)
+    args = _args(vae_model, tmp_path / "out.gif")
+    args[args.index("--eraser") + 1] = str(save_erasers_path)
+    assert cli_main(args) == 2
+    assert "has dim 48, the model's attention dim is 32" in capsys.readouterr().err
