@@ -88,6 +88,44 @@ def velocity(transformer, x_t, t, text, rotary):
     )[0]
 
 
+def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, rotary, frames, loss_cfg):
+    """One T2VUnlearning step's passes: computes the losses and accumulates their gradients in the adapters.
+
+    Returns the detached loss terms {"loss", "unlearn", "loc", "pre"}. Used by the loop below and by the
+    benchmarks and the memory planner, so that all of them measure the same step.
+    """
+    # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
+    with torch.no_grad(), erasers_disabled(transformer):
+        if loss_cfg.alpha > 0:
+            with ConceptMaskCapture(transformer, concept_tokens, frames) as capture:
+                v_c = velocity(transformer, x_t, t, c, rotary)
+            mask = capture.mask(loss_cfg.mask_threshold)
+        else:
+            v_c = velocity(transformer, x_t, t, c, rotary)
+        v_empty = velocity(transformer, x_t, t, empty, rotary)
+        v_neg = (v_empty - loss_cfg.eta * (v_c - v_empty)).float()
+        del v_c, v_empty
+        v_pre = velocity(transformer, x_t, t, c_pre, rotary).float() if loss_cfg.beta > 0 else None
+
+    # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
+    loc = torch.zeros((), device=x_t.device)
+    if loss_cfg.alpha > 0:
+        with erasers.collecting_localization(mask) as terms:
+            v_erased = velocity(transformer, x_t, t, c, rotary)
+        loc = torch.stack(terms).mean()
+    else:
+        v_erased = velocity(transformer, x_t, t, c, rotary)
+    unlearn = F.mse_loss(v_erased.float(), v_neg)
+    (unlearn + loss_cfg.alpha * loc).backward()
+    del v_erased, v_neg
+    pre = torch.zeros((), device=x_t.device)
+    if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
+        pre = F.mse_loss(velocity(transformer, x_t, t, c_pre, rotary).float(), v_pre)
+        (loss_cfg.beta * pre).backward()
+    unlearn, loc, pre = unlearn.detach(), loc.detach(), pre.detach()
+    return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre, "unlearn": unlearn, "loc": loc, "pre": pre}
+
+
 def cached(path: Path, make):
     """Load `path` if present, else build it with `make()` and write it atomically."""
     if path.is_file():
@@ -217,35 +255,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
                 x_t, t = x_t.to(device, dtype), t.to(device)
 
-                # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
-                with torch.no_grad(), erasers_disabled(transformer):
-                    if loss_cfg.alpha > 0:
-                        with ConceptMaskCapture(transformer, text.concept_tokens[index], frames) as capture:
-                            v_c = velocity(transformer, x_t, t, c, rotary)
-                        mask = capture.mask(loss_cfg.mask_threshold)
-                    else:
-                        v_c = velocity(transformer, x_t, t, c, rotary)
-                    v_empty = velocity(transformer, x_t, t, empty, rotary)
-                    v_neg = (v_empty - loss_cfg.eta * (v_c - v_empty)).float()
-                    del v_c, v_empty
-                    v_pre = velocity(transformer, x_t, t, c_pre, rotary).float() if loss_cfg.beta > 0 else None
-
-                # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
-                loc = torch.zeros((), device=device)
-                if loss_cfg.alpha > 0:
-                    with erasers.collecting_localization(mask) as terms:
-                        v_erased = velocity(transformer, x_t, t, c, rotary)
-                    loc = torch.stack(terms).mean()
-                else:
-                    v_erased = velocity(transformer, x_t, t, c, rotary)
-                unlearn = F.mse_loss(v_erased.float(), v_neg)
-                (unlearn + loss_cfg.alpha * loc).backward()
-                del v_erased, v_neg
-                pre = torch.zeros((), device=device)
-                if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
-                    pre = F.mse_loss(velocity(transformer, x_t, t, c_pre, rotary).float(), v_pre)
-                    (loss_cfg.beta * pre).backward()
-                loss = unlearn.detach() + loss_cfg.alpha * loc.detach() + loss_cfg.beta * pre.detach()
+                losses = eraser_losses_backward(
+                    transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], rotary, frames, loss_cfg
+                )
+                loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
                 skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
