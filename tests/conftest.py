@@ -7,20 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY_COGVIDEOX = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=4,
-    time_embed_dim=32,
-    text_embed_dim=24,
-    num_layers=2,
-    sample_width=8,
-    sample_height=8,
-    sample_frames=9,
-    patch_size=2,
-    max_text_seq_length=7,
-)
+from lowmem_eraser.tiny import TINY_TRANSFORMER  # noqa: E402
+
+TINY_COGVIDEOX = {**TINY_TRANSFORMER, "max_text_seq_length": 7}
 
 
 def tiny_transformer(seed: int = 0, **overrides):
