@@ -68,6 +68,29 @@ def _infer(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import TrainConfig
+    from .toy.evaluate import evaluate, markdown, write_report
+
+    try:
+        config = TrainConfig.from_dict(yaml.safe_load(Path(args.config).read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise LowmemEraserError(f"--config: cannot read {args.config} ({exc})") from None
+    steps = args.steps or config.sampling.num_inference_steps
+    result = evaluate(config.model, args.eraser, config.concept, steps, config.sampling.guidance_scale, args.seed)
+    print(markdown(result))
+    json_path, md_path = write_report(result, Path(args.output or args.eraser))
+    print(f"wrote {json_path} and {md_path}")
+
+
+def _toy_build(args: argparse.Namespace) -> int:
+    from .toy.build import toy_build_main
+
+    return toy_build_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-eraser", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,17 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUDA only: the pipeline's model / sequential CPU offload")
     infer.add_argument("--compare", action="store_true", help="write base | erased side by side (same seed)")
     infer.set_defaults(run=_infer)
+
+    evaluate = commands.add_parser("eval", help="toy world: base vs erased figures on held-out prompts")
+    evaluate.add_argument("--config", required=True, help="the training config (model, concept, sampling)")
+    evaluate.add_argument("--eraser", required=True, help="eraser folder")
+    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: sampling.num_inference_steps)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", default=None, help="folder for eval.json and eval.md (default: the eraser folder)")
+    evaluate.set_defaults(run=_eval)
+
+    toy = commands.add_parser("toy", help="the toy world's model")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    build = toy_commands.add_parser("build", help="train the toy CogVideoX model on CPU and write it as a folder")
+    build.add_argument("--output", default="models/toy")
+    build.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped model's)")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(run=_toy_build)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except LowmemEraserError as exc:
         print(f"lowmem-eraser {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
