@@ -236,7 +236,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
     metrics_path.write_text("".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start))
 
-    done = start  # steps completed
+    done = step = start  # steps completed, step in progress
+    step_rng = generator.get_state()
     bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc="erasing", dynamic_ncols=True)
     try:
         with MemoryMeter(device) as meter, metrics_path.open("a") as metrics:
