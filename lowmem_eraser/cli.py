@@ -91,6 +91,18 @@ def _toy_build(args: argparse.Namespace) -> int:
     return toy_build_main(args)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from . import plan
+
+    budget = plan.parse_size(args.budget)
+    video = plan.check_video(args.frames, args.height, args.width)
+    loss = plan.check_loss(args.alpha, args.beta)
+    result = plan.make_plan(args.model, video, plan.check_rank(args.rank), loss, budget)
+    print(plan.format_plan(result))
+    if args.config_out:
+        print(f"wrote {plan.write_config(result, args.model, args.config_out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-eraser", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped model's)")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(run=_toy_build)
+
+    plan = commands.add_parser("plan", help="predict peak GPU memory on this CPU and pick settings for a budget")
+    plan.add_argument("--model", required=True, help="cogvideox-2b, cogvideox-5b or a local diffusers folder")
+    plan.add_argument("--budget", required=True, help="GPU memory, e.g. 24GB (binary units: 24GB = 24 GiB)")
+    plan.add_argument("--frames", type=int, default=49, help="8k+1 frames")
+    plan.add_argument("--height", type=int, default=480)
+    plan.add_argument("--width", type=int, default=720)
+    plan.add_argument("--rank", type=int, default=128, help="eraser rank")
+    plan.add_argument("--alpha", type=float, default=1.0, help="L_loc weight (> 0 adds the concept-mask pass)")
+    plan.add_argument("--beta", type=float, default=0.5, help="L_pre weight (> 0 adds two passes)")
+    plan.add_argument("--config-out", help="write a train YAML with the picked setting here")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -1,0 +1,310 @@
+"""Peak memory, step time and FLOPs of one training step: the published recipe vs our modes, side by side.
+
+Modes (cumulative after `shared`), all on the same model config and the same (x_t, t, prompts):
+- reference: the published recipe: a frozen original and a trainable copy with adapters (two full
+  transformers), no checkpointing, three teacher and two student passes, one backward of the summed loss
+  (both student graphs alive), the text encoder resident;
+- shared: one frozen base, adapters toggled (`train.eraser_losses_backward`, quantize none);
+- +int8, +checkpointing (= the shipped default config), +offload (BlockOffloader), +kernels (Triton; CUDA only).
+
+Peak memory: CUDA `max_memory_allocated`/`max_memory_reserved` (everything on the device); CPU: the bytes the
+device would hold (weights, adapters and AdamW moments, inputs) plus the LiveTensorTracker peak of the step.
+FLOPs: FlopCounterMode's formulas via `plan.FlopCounter`, counted in the same pass (FlopCounterMode itself
+keeps activations alive and defeats checkpointing). `predicted` is `lowmem-eraser plan`'s prediction.
+
+CPU: `pytest bench/bench_memory.py` (a small CogVideoX, ~1 minute on 2 cores). CUDA: bench/gpu_check.sh, which
+sets LOWMEM_BENCH_MODEL (cogvideox-2b / cogvideox-5b), LOWMEM_BENCH_CAP_GB and LOWMEM_BENCH_ROUNDS.
+Writes bench/results/memory.md and memory.png (CUDA: memory_gpu_<model>.md/.png).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowmem_eraser import attach_erasers
+from lowmem_eraser.config import LossConfig
+from lowmem_eraser.localization import ConceptMaskCapture
+from lowmem_eraser.memory import LiveTensorTracker, tensor_bytes
+from lowmem_eraser.offload import BlockOffloader
+from lowmem_eraser.plan import (
+    PRESETS,
+    FlopCounter,
+    Predictor,
+    Setting,
+    build_transformer,
+    check_video,
+    step_inputs,
+)
+from lowmem_eraser.quantize import quantize_base
+from lowmem_eraser.train import eraser_losses_backward, velocity
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # bf16 matmuls are slow on CPU
+RESULTS = Path(__file__).parent / "results"
+GiB = 2**30
+T5_XXL_ENCODER_PARAMS = 4_762_310_656  # google/t5-v1_1-xxl encoder: 9.5 GB in bf16
+RANK = 128 if CUDA else 32
+LOSS = LossConfig(alpha=1.0, beta=0.5)
+# CPU: 4 blocks of dim 256 on 3 latent frames of 12x18 patches (648 video + 16 text tokens): big enough that
+# the activations, not the weights, dominate the reference's peak, as they do at 49x480x720.
+SMALL = dict(
+    num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=64,
+    text_embed_dim=64, num_layers=4, sample_width=36, sample_height=24, sample_frames=9, patch_size=2,
+    max_text_seq_length=16,
+)
+if CUDA:
+    MODEL = os.environ.get("LOWMEM_BENCH_MODEL", "cogvideox-2b")
+    CONFIG, VIDEO = PRESETS[MODEL], check_video(49, 480, 720)
+    CAP_BYTES = int(float(os.environ.get("LOWMEM_BENCH_CAP_GB", "24")) * GiB)
+    ROUNDS = int(os.environ.get("LOWMEM_BENCH_ROUNDS", "2"))
+else:
+    MODEL, CONFIG, VIDEO, CAP_BYTES, ROUNDS = "small", SMALL, check_video(9, 192, 288), None, 3
+    torch.set_num_threads(1)  # on shared cores a second thread mostly adds jitter to the step times
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    quantize: str = "none"  # none | int8 | triton
+    checkpointing: bool = False
+    offload: bool = False
+    kernels: str = "torch"
+
+
+MODES = [
+    Mode("reference"),
+    Mode("shared"),
+    Mode("+int8", "int8"),
+    Mode("+checkpointing", "int8", True),
+    Mode("+offload", "int8", True, True),
+    Mode("+kernels", "triton", True, True, "triton"),
+]
+DEFAULT_MODE = "+checkpointing"  # configs/cogvideox-*.yaml: int8, checkpointing, no offload
+ROWS: dict[str, dict] = {}
+
+
+def reference_losses_backward(original, student, erasers, inputs, loss: LossConfig):
+    """The published recipe's step: teacher passes on the original copy, student passes on the adapted copy,
+    one backward of L = L_unlearn + α·L_loc + β·L_pre (so both student graphs are alive at once)."""
+    x_t, t, c, empty, c_pre, concept_tokens, rotary, frames = inputs.args()
+    with torch.no_grad():
+        with ConceptMaskCapture(original, concept_tokens, frames) as capture:
+            v_c = velocity(original, x_t, t, c, rotary)
+        mask = capture.mask(loss.mask_threshold)
+        v_empty = velocity(original, x_t, t, empty, rotary)
+        v_neg = (v_empty - loss.eta * (v_c - v_empty)).float()
+        v_pre = velocity(original, x_t, t, c_pre, rotary).float()
+    with erasers.collecting_localization(mask) as terms:
+        v_erased = velocity(student, x_t, t, c, rotary)
+    loc = torch.stack(terms).mean()
+    pre = F.mse_loss(velocity(student, x_t, t, c_pre, rotary).float(), v_pre)
+    (F.mse_loss(v_erased.float(), v_neg) + loss.alpha * loc + loss.beta * pre).backward()
+
+
+def _text_encoder_bytes(tmp_path_factory) -> tuple[object, int]:
+    """The resident text encoder: CPU, the tiny T5 of lowmem_eraser.tiny; CUDA, a stand-in tensor with the
+    T5-XXL encoder's bf16 bytes (a second real-size T5 cannot be built here, and it is not run)."""
+    if CUDA:
+        stand_in = torch.empty(T5_XXL_ENCODER_PARAMS * 2, dtype=torch.uint8, device=DEVICE)
+        return stand_in, stand_in.numel()
+    from transformers import T5EncoderModel
+
+    from lowmem_eraser.tiny import build_tiny_cogvideox
+
+    sizes = {key: SMALL[key] for key in ("text_embed_dim", "max_text_seq_length")}
+    folder = build_tiny_cogvideox(tmp_path_factory.mktemp("t5"), ["a red ball", "a blue ball"], **sizes)
+    encoder = T5EncoderModel.from_pretrained(folder / "text_encoder").to(DEVICE)
+    return encoder, tensor_bytes(encoder)
+
+
+def _build(mode: Mode):
+    """The frozen base as `mode` configures it, on DEVICE; returns (transformer, device weight bytes, offloader)."""
+    with torch.device(DEVICE):
+        transformer = build_transformer(CONFIG, Setting("none", mode.checkpointing), DTYPE)
+    if mode.quantize != "none":
+        quantize_base(transformer, backend=mode.quantize)
+    offloader = None
+    if mode.offload:
+        offloader = BlockOffloader(transformer, DEVICE, stream=True)
+        offloader.attach()
+        outside = tensor_bytes(transformer) - sum(tensor_bytes(b) for b in transformer.transformer_blocks)
+        return transformer, outside + offloader.slot_bytes, offloader
+    return transformer, tensor_bytes(transformer), offloader
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """One set of (x_t, t, prompts) for every mode."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shape_only = build_transformer(CONFIG, Setting("none", False), DTYPE, num_layers=1)
+    made = step_inputs(shape_only, VIDEO, batch=1, dtype=DTYPE)
+    for name in ("x_t", "t", "c", "empty", "c_pre", "concept_tokens"):
+        setattr(made, name, getattr(made, name).to(DEVICE))
+    made.rotary = None if made.rotary is None else tuple(r.to(DEVICE) for r in made.rotary)
+    return made
+
+
+@functools.cache
+def _predictor() -> Predictor:
+    """One planner for every mode, so that they share its simulated steps. CPU: PyTorch's int8 path (what
+    runs here); CUDA: the Triton path, whose int8 step equals bf16's (the +int8..+offload rows, which run the
+    PyTorch path, also dequantise one weight transiently: <= 2 x 75 MB more on 5b)."""
+    return Predictor(CONFIG, VIDEO, RANK, LOSS, DTYPE, int8_backend="triton" if CUDA else "int8")
+
+
+def _predicted(mode: Mode) -> int | None:
+    if mode.name == "reference":
+        return None
+    setting = Setting("none" if mode.quantize == "none" else "int8", mode.checkpointing,
+                      "blocks" if mode.offload else "none")
+    return _predictor().predict(setting).peak
+
+
+def _measure(step, resident: int) -> dict:
+    """Peak bytes and FLOPs of one step (after a warm-up step); CUDA peaks include everything resident."""
+    step()
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with FlopCounter() as counter:
+            step()
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+                "flops": counter.flops}
+    with FlopCounter() as counter, LiveTensorTracker() as tracker:
+        step()
+    return {"peak": resident + tracker.peak_bytes, "reserved": None, "flops": counter.flops}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])
+def test_mode(mode, inputs, benchmark, tmp_path_factory):
+    if mode.kernels == "triton" and not CUDA:
+        pytest.skip("+kernels needs CUDA; on CPU it would equal +offload (PyTorch kernels)")
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        fraction = 1.0 if mode.name == "reference" else CAP_BYTES / torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(fraction, 1.0))
+    torch.manual_seed(0)
+    extra, extra_bytes, offloader = [], 0, None
+    try:
+        if mode.name == "reference":
+            original, weights, _ = _build(mode)
+            student = copy.deepcopy(original)
+            encoder, encoder_bytes = _text_encoder_bytes(tmp_path_factory)
+            extra, weights = [student, encoder], 2 * weights + encoder_bytes
+            erasers = attach_erasers(student, rank=RANK)
+        else:
+            original, weights, offloader = _build(mode)
+            erasers = attach_erasers(original, rank=RANK)
+        erasers.kernels = mode.kernels
+        optimizer = torch.optim.AdamW(erasers.parameters(), lr=1e-4)
+
+        def step():
+            if mode.name == "reference":
+                reference_losses_backward(original, extra[0], erasers, inputs, LOSS)
+            else:
+                eraser_losses_backward(original, erasers, *inputs.args(), LOSS)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        resident = weights + 3 * tensor_bytes(erasers) + inputs.nbytes  # + AdamW's two moments
+        row = _measure(step, resident)
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+        if CUDA:
+            torch.cuda.synchronize()
+        row["seconds"] = statistics.median(benchmark.stats.stats.data)
+    except torch.cuda.OutOfMemoryError:
+        row = {"peak": None, "reserved": None, "flops": None, "seconds": None, "oom": True}
+    finally:
+        if offloader is not None:
+            offloader.detach()
+    row["predicted"] = _predicted(mode)
+    ROWS[mode.name] = row
+    print(f"\n{mode.name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)  # survives a timeout
+
+
+def _ratio(row, key):
+    ref = ROWS.get("reference", {}).get(key)
+    return f"{row[key] / ref:.3f}x" if row.get(key) and ref else "-"
+
+
+def test_write_results():
+    """The table and the plot (the only thing this benchmark asserts)."""
+    threads = torch.get_num_threads()
+    machine = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores, {threads} thread(s))"
+    v = VIDEO
+    cap = f", ours capped at {CAP_BYTES / GiB:.0f} GiB (reference uncapped)" if CUDA else ""
+    lines = [
+        f"# Training-step memory: {MODEL}, {v.frames}x{v.height}x{v.width}, batch 1, rank {RANK}, "
+        f"alpha {LOSS.alpha}, beta {LOSS.beta}, {str(DTYPE).removeprefix('torch.')}",
+        "",
+        f"Machine: {machine}, torch {torch.__version__}{cap}. Step time: median of {ROUNDS} steps after a warm-up.",
+        "Peak: " + ("max_memory_allocated (reserved in brackets)." if CUDA else
+                    "device-resident bytes (weights, adapters + AdamW moments, inputs) + LiveTensorTracker peak."),
+        "",
+        "| mode | peak MiB | vs reference | predicted (plan) MiB | s/step | vs reference | GFLOP/step | vs reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        row = ROWS.get(mode.name)
+        if row is None:
+            lines.append(f"| {mode.name} | skipped (CUDA only; equals +offload on CPU) | | | | | | |")
+            continue
+        if row.get("oom"):
+            lines.append(f"| {mode.name} | OOM | | | | | | |")
+            continue
+        peak = f"{row['peak'] / 2**20:,.1f}" + (f" ({row['reserved'] / 2**20:,.0f})" if row["reserved"] else "")
+        predicted = "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:,.1f}"
+        lines.append(
+            f"| {mode.name} | {peak} | {_ratio(row, 'peak')} | {predicted} | {row['seconds']:.3f} | "
+            f"{_ratio(row, 'seconds')} | {row['flops'] / 1e9:,.1f} | {_ratio(row, 'flops')} |"
+        )
+    default, reference = ROWS.get(DEFAULT_MODE, {}), ROWS.get("reference", {})
+    if default.get("peak") and reference.get("peak"):
+        ratio = default["peak"] / reference["peak"]
+        verdict = "meets" if ratio <= 0.25 else "MISSES"
+        lines += ["", f"Default config ({DEFAULT_MODE}: int8, checkpointing, no offload): {ratio:.3f}x the "
+                  f"reference's peak: {verdict} the <= 0.25x target."]
+    suffix = f"_gpu_{MODEL}" if CUDA else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = RESULTS / f"memory{suffix}.md"
+    table.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    _plot(RESULTS / f"memory{suffix}.png", machine)
+    assert table.stat().st_size > 0
+
+
+def _plot(path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m.name for m in MODES if ROWS.get(m.name, {}).get("peak")]
+    metrics = [("peak", "peak memory"), ("seconds", "step time"), ("flops", "FLOPs")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        ratios = [ROWS[n][key] / ROWS["reference"][key] if "reference" in ROWS else 1.0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], ratios, width, label=label)
+    ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="0.25x target (memory)")
+    ax.set_xticks([x + width for x in range(len(names))], names)
+    ax.set_ylabel("ratio to reference")
+    ax.set_title(f"{MODEL}, {VIDEO.frames}x{VIDEO.height}x{VIDEO.width} on {machine}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

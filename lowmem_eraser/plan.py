@@ -1,0 +1,484 @@
+"""`lowmem-eraser plan`: predict the peak GPU memory of a training step, on a CPU, before renting the GPU.
+
+The transformer is built from its config under FakeTensorMode (shapes and dtypes, no weights, no GPU) and
+the training step itself (`train.eraser_losses_backward`, the same function the trainer runs) is executed on
+fake CPU tensors while a LiveTensorTracker counts the bytes of live storages and a FLOP counter adds up
+matmul and attention FLOPs. Fake *CPU* tensors on purpose: SDPA on `meta` takes the math path and would
+predict a 30 GB attention matrix, and fake CUDA tensors abort the process (SPEC §5).
+
+Three shortcuts keep 5b at 49×480×720 within a minute on a CPU; tests/test_plan.py checks the result
+against the live-tensor peak of the same step run for real on the full-depth model:
+- depth: every block is identical, so the step is simulated on copies of the model with 2 and 3 blocks and
+  the peak and FLOPs are extrapolated linearly to the real depth (the per-block term is the activations
+  or checkpoints each block keeps, plus its adapter gradients);
+- weights are counted, not simulated: each setting adds its resident weights to the simulated step; for
+  `offload: blocks` those are the weights outside the blocks plus the two device slots `BlockOffloader`
+  allocates (the real offloader needs real storage, so its effect is modelled, not run); with the Triton
+  int8 kernel an int8 step keeps what a bf16 step keeps, so one simulation serves both (see Predictor);
+- batch: activations are linear in the batch, so batch > 1 is extrapolated from batches 1 and 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .adapter import attach_erasers
+from .config import EraserConfig, LossConfig, MemoryConfig, TrainConfig, VideoConfig
+from .errors import LowmemEraserError
+from .memory import LiveTensorTracker, tensor_bytes
+from .offload import _ALIGN
+from .quantize import quantize_base
+from .sampling import latent_frames, make_pipeline, rotary_embeddings
+from .train import eraser_losses_backward
+
+# The published transformer configs; everything else is CogVideoXTransformer3DModel's defaults
+# (text_embed_dim 4096, max_text_seq_length 226, in/out channels 16, patch 2, time_embed_dim 512).
+PRESETS = {
+    "cogvideox-2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30),
+    "cogvideox-5b": dict(
+        num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True
+    ),
+}
+CUDA_CONTEXT_BYTES = 2**30  # CUDA context + cuBLAS workspace: outside max_memory_allocated, inside the card
+ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved-but-unused share on top of the allocated peak
+SIM_DEPTHS = (2, 3)  # from 2 blocks on, the peak sits in the last block's backward (1 block has no input grad)
+GiB = 2**30
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class PlanError(LowmemEraserError):
+    """A bad `plan` argument; the message names it."""
+
+
+def parse_size(text: str, name: str = "--budget") -> int:
+    """'24GB', '24 GiB', '24g', '16000MB' -> bytes. Units are binary: a "24 GB" card holds 24 GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise PlanError(f"{name}: expected a positive size like 24GB, 16GiB or 12000MB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def transformer_config(model: str | Path) -> tuple[dict, str]:
+    """(CogVideoXTransformer3DModel config, display name) of a preset name or a local diffusers folder."""
+    if str(model) in PRESETS:
+        return dict(PRESETS[str(model)]), str(model)
+    path = Path(model) / "transformer" / "config.json"
+    if not path.is_file():
+        raise PlanError(
+            f"--model: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with transformer/config.json"
+        )
+    config = json.loads(path.read_text())
+    if config.get("_class_name", "CogVideoXTransformer3DModel") != "CogVideoXTransformer3DModel":
+        raise PlanError(f"--model: {path} describes a {config['_class_name']}, not a CogVideoXTransformer3DModel")
+    return {k: v for k, v in config.items() if not k.startswith("_")}, str(model)
+
+
+def check_video(frames: int, height: int, width: int) -> VideoConfig:
+    """The video size, with errors that name the command-line option."""
+    sizes = {"frames": frames, "height": height, "width": width}
+    for name, value in sizes.items():
+        try:
+            VideoConfig(**{name: value})
+        except LowmemEraserError:
+            rule = "8k+1 (e.g. 49)" if name == "frames" else "a positive multiple of 16"
+            raise PlanError(f"--{name}: expected {rule}, got {value!r}") from None
+    return VideoConfig(**sizes)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One candidate memory setting. Offload needs checkpointing (backward re-fetches through recomputation)."""
+
+    quantize: str = "int8"  # none | int8
+    checkpointing: bool = True
+    offload: str = "none"  # none | blocks
+    batch: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.quantize}, ckpt {'on' if self.checkpointing else 'off'}, offload {self.offload}"
+
+    def speed_rank(self) -> tuple:
+        """Fastest first: streaming weights costs transfer time, checkpointing ~1/3 more compute on the
+        student passes, int8 at best matches bf16 cuBLAS (bench/bench_kernels.py targets >= 0.9x)."""
+        return (self.offload != "none", self.checkpointing, self.quantize != "none", self.batch)
+
+
+SETTINGS = tuple(
+    Setting(quantize, checkpointing, offload)
+    for quantize in ("none", "int8")
+    for checkpointing in (False, True)
+    for offload in (("none", "blocks") if checkpointing else ("none",))
+)
+
+
+@dataclass
+class Prediction:
+    """Predicted device bytes of one setting: what stays resident, plus the tracked peak of the step."""
+
+    setting: Setting
+    weights: int  # transformer weights on the device (for offload: non-block weights + two block slots)
+    adapter_state: int  # fp32 adapters + AdamW's two moments (the gradients are inside step_peak)
+    inputs: int  # x_t, t, the three text embeddings, concept tokens, rotary embeddings
+    step_peak: int  # LiveTensorTracker peak of one eraser_losses_backward call
+    flops: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.adapter_state + self.inputs + self.step_peak
+
+    def fits(self, budget: int) -> bool:
+        return needed_bytes(self.peak) <= budget
+
+
+def needed_bytes(peak: int) -> int:
+    """Card memory a predicted allocated peak needs: allocator slack and the CUDA context on top."""
+    return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+
+
+@dataclass
+class StepInputs:
+    x_t: torch.Tensor
+    t: torch.Tensor
+    c: torch.Tensor
+    empty: torch.Tensor
+    c_pre: torch.Tensor
+    concept_tokens: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    frames: int
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.x_t, self.t, self.c, self.empty, self.c_pre, self.concept_tokens, *(self.rotary or ())]
+        return tensor_bytes(tensors)
+
+    def args(self) -> tuple:
+        return self.x_t, self.t, self.c, self.empty, self.c_pre, self.concept_tokens, self.rotary, self.frames
+
+
+def step_inputs(
+    transformer: nn.Module, video: VideoConfig, batch: int, dtype: torch.dtype, seed: int = 0
+) -> StepInputs:
+    """Random inputs of the shapes the trainer feeds (rotary embeddings built as the pipeline builds them).
+    Inside FakeTensorMode they are fake; the concept is the prompt's 2nd and 3rd token."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    config = transformer.config
+    frames = latent_frames(video.frames)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, frames, config.in_channels, video.height // 8, video.width // 8)
+    text_shape = (batch, config.max_text_seq_length, config.text_embed_dim)
+    concept_tokens = torch.zeros(batch, config.max_text_seq_length, dtype=torch.bool)
+    concept_tokens[:, 1:3] = True
+    pipe = make_pipeline(transformer, CogVideoXDDIMScheduler())
+    return StepInputs(
+        x_t=torch.randn(shape, generator=gen).to(dtype),
+        t=torch.randint(0, 1000, (batch,), generator=gen),
+        c=torch.randn(text_shape, generator=gen).to(dtype),
+        empty=torch.randn(text_shape, generator=gen).to(dtype),
+        c_pre=torch.randn(text_shape, generator=gen).to(dtype),
+        concept_tokens=concept_tokens,
+        rotary=rotary_embeddings(pipe, video, torch.device("cpu")),
+        frames=frames,
+    )
+
+
+def _cpu_flash_formulas() -> dict:
+    """FLOP formulas (shape-wrapped, as in FlopCounterMode's registry) for the CPU flash-attention ops, which
+    FlopCounterMode does not list: the same maths as the CUDA flash-attention ops."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop,
+    }
+
+
+class FlopCounter(TorchDispatchMode):
+    """Matmul/convolution/attention FLOPs of the ops run inside, with FlopCounterMode's formulas.
+
+    Not FlopCounterMode itself: its module tracker hooks every sub-module's inputs for backward, which
+    keeps activations alive and defeats checkpointing, so peak memory could not be measured in the same pass.
+    """
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.formulas = {**flop_registry, **_cpu_flash_formulas()}
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def flop_counter_mode():
+    """torch's FlopCounterMode, taught the CPU flash-attention ops (for a separate FLOPs-only pass)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mode = FlopCounterMode(display=False)
+    mode.flop_registry.update(_cpu_flash_formulas())
+    return mode
+
+
+def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: LossConfig) -> tuple[int, int]:
+    """(tracked peak bytes, FLOPs) of one eraser_losses_backward call, adapter gradients included.
+    Works on real tensors (the tests' ground truth) and on fake ones (the prediction)."""
+    for param in erasers.parameters():
+        param.grad = None
+    with FlopCounter() as counter, LiveTensorTracker() as tracker:
+        eraser_losses_backward(transformer, erasers, *inputs.args(), loss)
+    return tracker.peak_bytes, counter.flops
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules in `dtype`: `.to(dtype)` cannot convert fake parameters."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build_transformer(config: dict, setting: Setting, dtype: torch.dtype, **overrides) -> nn.Module:
+    """A frozen CogVideoX transformer with random weights, quantised and checkpointed as `setting` says."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with default_dtype(dtype):
+        transformer = CogVideoXTransformer3DModel.from_config({**config, **overrides})
+    transformer.requires_grad_(False)
+    if setting.quantize != "none":
+        quantize_base(transformer, backend=setting.quantize)
+    if setting.checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def _fake_erasers(transformer: nn.Module, rank: int, mode) -> object:
+    """attach_erasers for a fake transformer: fake parameters cannot be `.to()`-converted, so the small fp32
+    adapters are created for real outside the mode and then swapped for fake copies."""
+    erasers = attach_erasers(transformer, rank=rank)
+    for module in erasers.modules():
+        for name, param in list(module._parameters.items()):
+            module._parameters[name] = nn.Parameter(mode.from_tensor(param), requires_grad=True)
+    return erasers
+
+
+def device_weight_bytes(transformer: nn.Module, offload: str = "none", depth: int | None = None) -> int:
+    """Transformer bytes on the device at `depth` blocks (default: the model's own), from identical blocks.
+    `offload: blocks` keeps what is outside the blocks plus BlockOffloader's two slots, each the size of the
+    largest block's flat buffer (every tensor aligned to _ALIGN bytes)."""
+    blocks = transformer.transformer_blocks
+    outside = tensor_bytes(transformer) - sum(tensor_bytes(block) for block in blocks)
+    if offload == "blocks":
+        slot = max(
+            sum(-(-t.untyped_storage().nbytes() // _ALIGN) * _ALIGN for t in _unique([*b.parameters(), *b.buffers()]))
+            for b in blocks
+        )
+        return outside + 2 * slot
+    return outside + (depth or len(blocks)) * tensor_bytes(blocks[0])
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list({id(t.untyped_storage()): t for t in tensors}.values())
+
+
+class Predictor:
+    """Predictions for one model, video, rank and loss; simulated steps are cached across settings.
+
+    `int8_backend` is the int8 implementation the prediction is for: "triton" (CUDA's default) never
+    materialises a dequantised weight and saves only the int8 weight, so an int8 step's activations equal
+    quantize none's and one simulation serves both; "int8" (the PyTorch path, used without Triton)
+    dequantises each weight transiently, so its steps are simulated with int8 blocks of their own.
+    """
+
+    def __init__(self, config: dict, video: VideoConfig, rank: int, loss: LossConfig,
+                 dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton"):
+        if int8_backend not in ("triton", "int8"):
+            raise PlanError(f"int8_backend must be 'triton' or 'int8', got {int8_backend!r}")
+        self.config, self.video, self.rank, self.loss, self.dtype = config, video, rank, loss, dtype
+        self.int8_backend = int8_backend
+        self.depth = config.get("num_layers", 30)
+        self._steps: dict[tuple[str, bool, int, int], Prediction] = {}
+        self._weights: dict[tuple[str, str], int] = {}
+
+    def simulate(self, setting: Setting, layers: int) -> Prediction:
+        """One training step of a `layers`-block copy of the model on fake CPU tensors (weights not counted)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        quantize = "int8" if setting.quantize == "int8" and self.int8_backend == "int8" else "none"
+        key = (quantize, setting.checkpointing, setting.batch, layers)
+        if key not in self._steps:
+            with FakeTensorMode() as mode:
+                transformer = build_transformer(self.config, replace(setting, quantize=quantize), self.dtype,
+                                                num_layers=layers)
+            erasers = _fake_erasers(transformer, self.rank, mode)
+            erasers.kernels = "torch"  # the Triton kernels cannot run on fake tensors
+            with mode:
+                inputs = step_inputs(transformer, self.video, setting.batch, self.dtype)
+                step_peak, flops = measure_step(transformer, erasers, inputs, self.loss)
+            # fp32 adapters + AdamW's exp_avg and exp_avg_sq; their gradients are part of the step
+            self._steps[key] = Prediction(setting, 0, 3 * tensor_bytes(erasers), inputs.nbytes, step_peak, flops)
+        return replace(self._steps[key], setting=setting)
+
+    def predict(self, setting: Setting) -> Prediction:
+        """The setting's prediction at the model's real depth (see the module docstring for the shortcuts)."""
+        if setting.batch > 2:
+            one, two = (self.predict(replace(setting, batch=b)) for b in (1, 2))
+            return _extrapolate(one, two, setting.batch - 1, setting)
+        if self.depth <= max(SIM_DEPTHS):
+            step = self.simulate(setting, self.depth)
+        else:
+            low, high = (self.simulate(setting, d) for d in SIM_DEPTHS)
+            step = _extrapolate(low, high, self.depth - SIM_DEPTHS[0], setting)
+        return replace(step, weights=self.weights(setting))
+
+    def weights(self, setting: Setting) -> int:
+        """Device weight bytes of the setting, from a 1-block fake model."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        key = (setting.quantize, setting.offload)
+        if key not in self._weights:
+            with FakeTensorMode():
+                transformer = build_transformer(self.config, setting, self.dtype, num_layers=1)
+                self._weights[key] = device_weight_bytes(transformer, setting.offload, self.depth)
+        return self._weights[key]
+
+
+def _extrapolate(a: Prediction, b: Prediction, steps: int, setting: Setting) -> Prediction:
+    """a + steps·(b − a), field by field."""
+    fields = ("weights", "adapter_state", "inputs", "step_peak", "flops")
+    values = {name: getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)) for name in fields}
+    return Prediction(setting, **values)
+
+
+@dataclass
+class Plan:
+    model: str
+    video: VideoConfig
+    rank: int
+    loss: LossConfig
+    budget: int
+    candidates: list[Prediction]
+    pick: Prediction | None
+    seconds: float
+
+
+def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
+              max_batch: int = 8) -> Plan:
+    """Predict every setting at batch 1, pick the fastest that fits, then see how far its batch can grow."""
+    began = time.perf_counter()
+    config, name = transformer_config(model)
+    predictor = Predictor(config, video, rank, loss)
+    candidates = [predictor.predict(setting) for setting in SETTINGS]
+    fitting = [c for c in candidates if c.fits(budget)]
+    pick = min(fitting, key=lambda c: c.setting.speed_rank()) if fitting else None
+    if pick is not None:
+        batch = 2
+        while batch <= max_batch:
+            grown = predictor.predict(replace(pick.setting, batch=batch))
+            candidates.append(grown)
+            if not grown.fits(budget):
+                break
+            batch += 1
+    return Plan(name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began)
+
+
+def format_plan(plan: Plan) -> str:
+    v = plan.video
+    lines = [
+        f"model {plan.model}, {v.frames}x{v.height}x{v.width}, rank {plan.rank}, alpha {plan.loss.alpha}, "
+        f"beta {plan.loss.beta}, bf16, budget {plan.budget / GiB:.1f} GiB",
+        f"fits: predicted peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + {CUDA_CONTEXT_BYTES / GiB:.1f} GiB "
+        "(CUDA context) <= budget",
+        "",
+        f"{'quantize':<8} {'ckpt':<4} {'offload':<7} {'batch':>5} {'weights':>8} {'step':>8} {'peak GiB':>9} "
+        f"{'needs GiB':>9} {'TFLOP/step':>10}  fits",
+    ]
+    for c in plan.candidates:
+        s = c.setting
+        mark = "  <- pick" if c is plan.pick else ""
+        lines.append(
+            f"{s.quantize:<8} {'on' if s.checkpointing else 'off':<4} {s.offload:<7} {s.batch:>5} "
+            f"{c.weights / GiB:>8.2f} {c.step_peak / GiB:>8.2f} {c.peak / GiB:>9.2f} "
+            f"{needed_bytes(c.peak) / GiB:>9.2f} {c.flops / 1e12:>10.1f}  "
+            f"{'yes' if c.fits(plan.budget) else 'no'}{mark}"
+        )
+    lines.append("")
+    if plan.pick is None:
+        lines.append("nothing fits this budget: use a smaller video (--frames/--height/--width) or a larger GPU")
+    else:
+        batches = [c.setting.batch for c in plan.candidates
+                   if c.setting.label == plan.pick.setting.label and c.fits(plan.budget)]
+        lines.append(f"pick: {plan.pick.setting.label} (fastest that fits; batch up to {max(batches)} fits)")
+    lines.append(
+        f"planned in {plan.seconds:.1f} s: steps simulated under FakeTensorMode on {SIM_DEPTHS[0]}- and "
+        f"{SIM_DEPTHS[1]}-block copies and extrapolated to the full depth; offload modelled analytically "
+        "(block weights -> 2 slots); batch > 2 extrapolated linearly"
+    )
+    return "\n".join(lines)
+
+
+def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
+    """A train YAML with the picked setting; for presets the model/prompts/concept are placeholders to edit."""
+    if plan.pick is None:
+        raise PlanError("--config-out: nothing fits the budget, so there is no setting to write")
+    s = plan.pick.setting
+    preset = str(model) in PRESETS
+    config = TrainConfig(
+        model=Path(f"models/{plan.model.replace('cogvideox', 'CogVideoX')}") if preset else Path(model),
+        prompts=Path("configs/prompts/nudity_sample.csv"),
+        concept="nudity",
+        output_dir=Path(f"runs/{Path(plan.model).name}-nudity"),
+        eraser=EraserConfig(rank=plan.rank),
+        loss=plan.loss,
+        video=plan.video,
+        memory=MemoryConfig(
+            quantize="auto" if s.quantize == "int8" else "none",
+            gradient_checkpointing=s.checkpointing,
+            offload=s.offload,
+            dtype="bfloat16",
+            kernels="auto",
+        ),
+    )
+    header = [
+        f"# Written by `lowmem-eraser plan`: predicted peak {plan.pick.peak / GiB:.2f} GiB allocated "
+        f"(budget {plan.budget / GiB:.1f} GiB).",
+        "# Edit prompts, concept and output_dir" + (" and point `model` at your local folder." if preset else "."),
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def check_rank(rank: int) -> int:
+    if rank <= 0:
+        raise PlanError(f"--rank: expected a positive integer, got {rank}")
+    return rank
+
+
+def check_loss(alpha: float, beta: float) -> LossConfig:
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not (math.isfinite(value) and value >= 0):
+            raise PlanError(f"--{name}: expected a value >= 0, got {value}")
+    return LossConfig(alpha=alpha, beta=beta)

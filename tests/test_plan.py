@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_COGVIDEOX
+from lowmem_eraser import attach_erasers
+from lowmem_eraser.cli import main as cli_main
+from lowmem_eraser.config import LossConfig, TrainConfig
+from lowmem_eraser.memory import tensor_bytes
+from lowmem_eraser.plan import (
+    PRESETS,
+    Plan,
+    PlanError,
+    Prediction,
+    Predictor,
+    Setting,
+    build_transformer,
+    check_video,
+    flop_counter_mode,
+    measure_step,
+    parse_size,
+    step_inputs,
+    transformer_config,
+    write_config,
+)
+from lowmem_eraser.train import eraser_losses_backward
+
+# 4 blocks of dim 256, 3 latent frames of 8x8 patches + 16 text tokens = 208 tokens: deeper than the
+# simulated 2- and 3-block copies, so the depth extrapolation is part of what is checked.
+SMALL_COGVIDEOX = dict(
+    num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=64,
+    text_embed_dim=64, num_layers=4, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+    max_text_seq_length=16,
+)
+LOSS = LossConfig(alpha=1.0, beta=0.5)
+# The CPU runs PyTorch's int8 path, so the prediction is asked for that backend.
+SETTINGS = {
+    "tiny": [Setting("int8", True), Setting("none", False), Setting("int8", False, batch=2)],
+    "small": [Setting("int8", True), Setting("none", False)],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These steps are tiny: a second thread only adds contention on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def measured(config, setting, video, rank=8):
+    """Ground truth: the same step on real fp32 tensors of the full-depth model."""
+    torch.manual_seed(0)
+    transformer = build_transformer(config, setting, torch.float32)
+    erasers = attach_erasers(transformer, rank=rank)
+    erasers.kernels = "torch"
+    inputs = step_inputs(transformer, video, setting.batch, torch.float32)
+    return transformer, erasers, inputs, measure_step(transformer, erasers, inputs, LOSS)
+
+
+@pytest.mark.parametrize("name, config, size", [("tiny", TINY_COGVIDEOX, 64), ("small", SMALL_COGVIDEOX, 128)])
+def test_predicted_peak_matches_the_measured_live_tensor_peak(name, config, size):
+    video = check_video(9, size, size)
+    predictor = Predictor(config, video, rank=8, loss=LOSS, dtype=torch.float32, int8_backend="int8")
+    for setting in SETTINGS[name]:
+        transformer, erasers, inputs, (peak, flops) = measured(config, setting, video)
+        predicted = predictor.predict(setting)
+        error = predicted.step_peak / peak - 1
+        print(f"{setting}: predicted {predicted.step_peak} B, measured {peak} B ({error:+.2%})")
+        assert abs(error) <= 0.05
+        assert predicted.flops == flops
+        assert predicted.weights == tensor_bytes(transformer)
+        assert predicted.adapter_state == 3 * tensor_bytes(erasers)
+        assert predicted.inputs == inputs.nbytes
+
+
+def test_flop_counter_agrees_with_flop_counter_mode():
+    video = check_video(9, 64, 64)
+    transformer, erasers, inputs, (_, flops) = measured(TINY_COGVIDEOX, Setting("none", True), video)
+    with flop_counter_mode() as mode:
+        eraser_losses_backward(transformer, erasers, *inputs.args(), LOSS)
+    assert flops == mode.get_total_flops() > 0
+    assert any("flash_attention_for_cpu" in str(op) for op in mode.get_flop_counts()["Global"])
+
+
+def test_offload_keeps_two_block_slots_on_the_device():
+    video = check_video(9, 128, 128)
+    predictor = Predictor(SMALL_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32)
+    resident, streamed = predictor.weights(Setting("int8", True)), predictor.weights(Setting("int8", True, "blocks"))
+    block = tensor_bytes(build_transformer(SMALL_COGVIDEOX, Setting("int8", True), torch.float32).transformer_blocks[0])
+    assert resident - streamed == pytest.approx((SMALL_COGVIDEOX["num_layers"] - 2) * block, rel=0.01)
+
+
+def test_plan_cli_answers_for_a_preset_and_writes_a_loadable_config(tmp_path, capsys):
+    out = tmp_path / "planned.yaml"
+    args = ["plan", "--model", "cogvideox-2b", "--frames", "9", "--height", "64", "--width", "96", "--rank", "16",
+            "--alpha", "0", "--beta", "0", "--budget", "24GB", "--config-out", str(out)]
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "<- pick" in text and "TFLOP/step" in text
+    config = TrainConfig.from_dict(yaml.safe_load(out.read_text()))
+    assert (config.video.frames, config.video.height, config.video.width, config.eraser.rank) == (9, 64, 96, 16)
+    assert str(config.model) == "models/CogVideoX-2b"
+    assert (config.memory.quantize, config.memory.gradient_checkpointing) == ("none", False)  # tiny video: fastest
+
+
+def test_a_model_folder_is_read_and_written_into_the_config(tmp_path):
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    config = {"_class_name": "CogVideoXTransformer3DModel", **TINY_COGVIDEOX}
+    (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps(config))
+    assert transformer_config(tmp_path / "model") == (TINY_COGVIDEOX, str(tmp_path / "model"))
+    pick = Prediction(Setting("int8", True, "blocks"), 1, 1, 1, 1, 1)
+    plan = Plan(str(tmp_path / "model"), check_video(9, 64, 64), 8, LOSS, 2**30, [pick], pick, 0.0)
+    path = write_config(plan, tmp_path / "model", tmp_path / "c.yaml")
+    written = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    assert written.model == tmp_path / "model"
+    assert (written.memory.quantize, written.memory.gradient_checkpointing, written.memory.offload) == (
+        "auto", True, "blocks")
+    config["_class_name"] = "UNet2DConditionModel"
+    (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PlanError, match="--model"):
+        transformer_config(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "cogvideox-7b", "--budget", "24GB"], "--model"),
+        (["--model", "cogvideox-2b", "--budget", "lots"], "--budget"),
+        (["--model", "cogvideox-2b", "--budget", "24XB"], "--budget"),
+        (["--model", "cogvideox-2b", "--budget", "24GB", "--frames", "48"], "--frames: expected 8k+1"),
+        (["--model", "cogvideox-2b", "--budget", "24GB", "--height", "100"], "--height"),
+        (["--model", "cogvideox-2b", "--budget", "24GB", "--rank", "0"], "--rank"),
+    ],
+)
+def test_plan_cli_names_the_bad_argument(args, message, capsys):
+    assert cli_main(["plan", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_size_uses_binary_units():
+    assert parse_size("24GB") == parse_size("24 GiB") == parse_size("24g") == 24 * 2**30
+    assert parse_size("1.5MB") == 3 * 2**19
+    with pytest.raises(PlanError, match="--budget"):
+        parse_size("0GB")
+
+
+def test_presets_are_the_published_configs():
+    assert PRESETS["cogvideox-2b"]["num_layers"] == 30 and PRESETS["cogvideox-5b"]["num_layers"] == 42
+    assert PRESETS["cogvideox-5b"]["use_rotary_positional_embeddings"]
