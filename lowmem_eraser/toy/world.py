@@ -6,24 +6,26 @@ spatial factor 8 when `vae=None`).
 
 The generative rule (`make_latents`)
     * background: 0 in every channel, plus Gaussian noise of std `NOISE` (0.05);
-    * colour ↔ channel: red → 0, green → 1, blue → 2, yellow → 3; the object is `AMPLITUDE` (2.5) in its
-      colour's channel and 0 in the others (anti-aliased edges: coverage of each latent pixel);
-    * shape: ball = disc of radius 3.5 latent px; square = axis-aligned filled square of side 6.2 (same area);
+    * colour ↔ channel: red → 0, green → 1, blue → 2, yellow → 3; the object lives in its colour's channel
+      only (anti-aliased edges: coverage of each latent pixel);
+    * shape ↔ geometry AND sign: ball = disc of radius 3.25 latent px with value +AMPLITUDE (2.5); square =
+      axis-aligned filled square of side 7 with value −AMPLITUDE. Like a VAE latent, the code carries the
+      shape twice: as geometry (what the renderer draws) and as a per-pixel sign (what a small model learns
+      quickly; with geometry alone, the CPU-sized model drew rounded blobs for both shapes);
     * motion: the centre moves `SPEED` (1.5) latent px per latent frame (6 px over the clip) left/right/up/down
-      (rows grow downwards, so "up" = decreasing row); the path's midpoint is jittered by ±1.5 px along the
-      motion and ±2.5 px across it; the speed by ±10 %.
+      (rows grow downwards, so "up" = decreasing row); the path's midpoint is jittered uniformly by ±0.75 px
+      along the motion and ±1 px across it; the speed by ±10 %.
 
-The renderer (`render`): per latent pixel, RGB = Σ_c clip(latent_c / AMPLITUDE, 0, 1) · PALETTE[c], clipped
-to [0, 255]; frames are linearly interpolated in time (latent frame i is video frame 4i, the three frames
-between two latent frames blend them), then bilinearly upsampled ×8 in space; uint8 `[17, 128, 128, 3]`.
+The renderer (`render`): per latent pixel, RGB = Σ_c clip(|latent_c| / AMPLITUDE, 0, 1) · PALETTE[c], clipped to
+[0, 255]; frames are linearly interpolated in time (latent frame i is video frame 4i, the three frames between
+two latent frames blend them), then bilinearly upsampled ×8 in space; uint8 `[17, 128, 128, 3]`.
 
-The detector (`detect`): magnitude map m = max_c latent_c (negative values ignored). Each frame must have a
-peak ≥ `MIN_PEAK` (1.0), else there is no object (None). Per frame the object is the largest 4-connected
-component of m ≥ ½·(frame peak). Colour = argmax over channels of the latent summed over the object in all
-frames. Shape = median over frames of the object's soft fill ratio: in the object's bounding box grown by 1 px,
-with p = clip(m / peak, 0, 1), fill = Σp / (Σ_rows max_cols p · Σ_cols max_rows p) (soft area over soft height
-× soft width): ≥ 0.88 → square (a separable square profile gives exactly 1; a disc ≈ π/4 ≈ 0.79). Motion = the m-weighted centroid of the last
-frame minus that of the first frame: the larger axis and its sign; a displacement < 1.5 px is "still".
+The detector (`detect`) reads the latent code: p = clip(max_c |latent_c| / AMPLITUDE, 0, 1) (overshoot
+saturates). Per frame the object is the largest 4-connected component of p ≥ ½; a frame whose object has < 4
+latent pixels means "no object" (None). Colour = argmax over channels of Σ|latent_c| over the object in all
+frames. Shape = the sign of that channel's sum over the object (+ → ball, − → square). Motion = the p-weighted
+centroid of the object in the last frame minus that in the first frame: the larger axis and its sign; a
+displacement < 1.5 px is "still" (generated: 6 px).
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ VIDEO_FRAMES = (LATENT_FRAMES - 1) * 4 + 1  # 17
 PIXELS = SIZE * 8  # 128
 AMPLITUDE = 2.5
 NOISE = 0.05
-SPEED = 1.5
-BALL_RADIUS = 3.5
-SQUARE_SIDE = float(np.sqrt(np.pi) * BALL_RADIUS)  # same area as the ball (6.2)
-MIN_PEAK = 1.0
-SQUARE_FILL = 0.88
+SPEED = 1.5  # latent px per latent frame
+BALL_RADIUS = 3.25
+SQUARE_SIDE = 7.0
+SHAPE_SIGN = {"ball": 1.0, "square": -1.0}  # the latent code of the shape
+MIN_AREA = 4  # latent pixels
+JITTER_ALONG, JITTER_ACROSS = 0.75, 1.0
 MIN_MOTION = 1.5
 
 PALETTE = np.array([[255, 40, 40], [40, 220, 40], [50, 90, 255], [255, 220, 0]], dtype=np.float32)
@@ -111,7 +114,7 @@ def make_latents(attrs: Video, seed: int | torch.Generator | None = 0, noise: fl
     gen = _generator(seed)
     d_row, d_col = DIRECTIONS[attrs.motion]
     speed = SPEED * _uniform(gen, 0.9, 1.1)
-    along, across = _uniform(gen, -1.5, 1.5), _uniform(gen, -2.5, 2.5)
+    along, across = _uniform(gen, -JITTER_ALONG, JITTER_ALONG), _uniform(gen, -JITTER_ACROSS, JITTER_ACROSS)
     centre = (SIZE - 1) / 2
     mid_row = centre + along * abs(d_row) + across * abs(d_col)
     mid_col = centre + along * abs(d_col) + across * abs(d_row)
@@ -126,7 +129,7 @@ def make_latents(attrs: Video, seed: int | torch.Generator | None = 0, noise: fl
         half = SQUARE_SIDE / 2
         coverage = (half + 0.5 - dr.abs()).clamp(0, 1) * (half + 0.5 - dc.abs()).clamp(0, 1)
     latents = torch.zeros(LATENT_FRAMES, CHANNELS, SIZE, SIZE)
-    latents[:, COLOURS.index(attrs.colour)] = AMPLITUDE * coverage
+    latents[:, COLOURS.index(attrs.colour)] = SHAPE_SIGN[attrs.shape] * AMPLITUDE * coverage
     if noise > 0:
         latents += noise * torch.randn(latents.shape, generator=gen)
     return latents
@@ -150,7 +153,7 @@ def render(latents) -> np.ndarray:
     """RGB video `uint8 [4·(F−1)+1, 8·H, 8·W, 3]` of a latent video `[F, C, H, W]` (rule in the module doc)."""
     video = _as_video(latents)
     frames, channels = video.shape[:2]
-    weights = np.clip(video / AMPLITUDE, 0, 1)  # [F, C, H, W]
+    weights = np.clip(np.abs(video) / AMPLITUDE, 0, 1)  # [F, C, H, W]
     rgb = np.einsum("fchw,ck->fkhw", weights, PALETTE[:channels])  # [F, 3, H, W]
     rgb = torch.from_numpy(np.clip(rgb, 0, 255))
     if frames > 1:  # time: latent frame i → video frame 4i, linear in between
@@ -188,23 +191,21 @@ def detect(latents) -> Video | None:
     """Read colour, shape and motion back from a latent video `[F, C, H, W]` (rule in the module doc);
     None when some frame shows no object. `motion` may be "still"."""
     video = _as_video(latents)
-    magnitude = np.clip(video, 0, None).max(axis=1)  # [F, H, W]
-    colour_mass = np.zeros(video.shape[1])
-    fills, centroids = [], []
+    video = np.where(np.isfinite(video), video, 0)
+    magnitude = np.clip(np.abs(video).max(axis=1) / AMPLITUDE, 0, 1)  # [F, H, W]
+    mass, signed = np.zeros(video.shape[1]), np.zeros(video.shape[1])
+    centroids = []
     rows, cols = np.mgrid[: video.shape[2], : video.shape[3]]
-    for frame, m in zip(video, magnitude):
-        peak = m.max()
-        if not np.isfinite(peak) or peak < MIN_PEAK:
+    for frame, p in zip(video, magnitude):
+        obj = _largest_component(p >= 0.5)
+        if obj.sum() < MIN_AREA:
             return None
-        obj = _largest_component(m >= 0.5 * peak)
-        colour_mass += np.clip(frame[:, obj], 0, None).sum(axis=1)
-        r, c = rows[obj], cols[obj]
-        box = np.clip(m[max(r.min() - 1, 0) : r.max() + 2, max(c.min() - 1, 0) : c.max() + 2] / peak, 0, 1)
-        fills.append(box.sum() / (box.max(axis=1).sum() * box.max(axis=0).sum()))
-        w = m[obj]
-        centroids.append((float((r * w).sum() / w.sum()), float((c * w).sum() / w.sum())))
-    colour = COLOURS[int(np.argmax(colour_mass[: len(COLOURS)]))]
-    shape = "square" if np.median(fills) >= SQUARE_FILL else "ball"
+        mass += np.abs(frame[:, obj]).sum(axis=1)
+        signed += frame[:, obj].sum(axis=1)
+        w = p[obj]
+        centroids.append((float((rows[obj] * w).sum() / w.sum()), float((cols[obj] * w).sum() / w.sum())))
+    channel = int(np.argmax(mass[: len(COLOURS)]))
+    shape = "ball" if signed[channel] > 0 else "square"
     d_row, d_col = np.subtract(centroids[-1], centroids[0])
     if max(abs(d_row), abs(d_col)) < MIN_MOTION:
         motion = STILL
@@ -212,4 +213,4 @@ def detect(latents) -> Video | None:
         motion = "right" if d_col > 0 else "left"
     else:
         motion = "down" if d_row > 0 else "up"
-    return Video(colour, shape, motion)
+    return Video(COLOURS[channel], shape, motion)
