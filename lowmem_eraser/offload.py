@@ -41,6 +41,11 @@ class _Entry:
     requires_grad: bool
 
 
+def aligned_bytes(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` takes in a block's flat buffer: its size rounded up to the alignment."""
+    return -(-(tensor.numel() * tensor.element_size()) // _ALIGN) * _ALIGN
+
+
 def _block_entries(block: nn.Module) -> tuple[list[_Entry], int]:
     """Index a block's parameters and buffers (tied tensors once); returns the entries and the buffer size."""
     entries: dict[int, _Entry] = {}
@@ -60,7 +65,7 @@ def _block_entries(block: nn.Module) -> tuple[list[_Entry], int]:
                     entries[id(tensor)] = _Entry(
                         [], is_param, tensor.dtype, tensor.shape, size, nbytes, tensor.device, tensor.requires_grad
                     )
-                    size += -(-nbytes // _ALIGN) * _ALIGN
+                    size += aligned_bytes(tensor)
                 entries[id(tensor)].owners.append((module, name))
     return list(entries.values()), size
 

@@ -37,7 +37,7 @@ from .adapter import attach_erasers
 from .config import EraserConfig, LossConfig, MemoryConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
 from .memory import LiveTensorTracker, tensor_bytes
-from .offload import _ALIGN
+from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings
 from .train import eraser_losses_backward
@@ -286,12 +286,12 @@ def _fake_erasers(transformer: nn.Module, rank: int, mode) -> object:
 def device_weight_bytes(transformer: nn.Module, offload: str = "none", depth: int | None = None) -> int:
     """Transformer bytes on the device at `depth` blocks (default: the model's own), from identical blocks.
     `offload: blocks` keeps what is outside the blocks plus BlockOffloader's two slots, each the size of the
-    largest block's flat buffer (every tensor aligned to _ALIGN bytes)."""
+    largest block's flat buffer (`aligned_bytes` per tensor)."""
     blocks = transformer.transformer_blocks
     outside = tensor_bytes(transformer) - sum(tensor_bytes(block) for block in blocks)
     if offload == "blocks":
         slot = max(
-            sum(-(-t.untyped_storage().nbytes() // _ALIGN) * _ALIGN for t in _unique([*b.parameters(), *b.buffers()]))
+            sum(aligned_bytes(t) for t in _unique([*b.parameters(), *b.buffers()]))
             for b in blocks
         )
         return outside + 2 * slot
