@@ -107,10 +107,15 @@ class EraserConfig(_Section):
 
 @dataclass
 class LossConfig(_Section):
-    """L = L_unlearn + alpha·L_loc + beta·L_pre, with the negative guidance strength eta (SPEC §3)."""
+    """L = L_unlearn + alpha·L_loc + beta·L_pre, with the negative guidance strength eta (SPEC §3).
+
+    `anchor` is the prompt the negative guidance starts from: `empty` (∅, the published loss) or the target
+    prompt's `preservation` twin, whose difference from c is the concept alone.
+    """
 
     key: ClassVar[str] = "loss"
     eta: float = field(default=7.0, metadata=_NON_NEGATIVE)
+    anchor: str = field(default="empty", metadata=_choices("empty", "preservation"))
     alpha: float = field(default=1.0, metadata=_NON_NEGATIVE)
     beta: float = field(default=0.0, metadata=_NON_NEGATIVE)
     mask_threshold: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v <= 1, "a value in [0, 1]"))
@@ -124,6 +129,7 @@ class SamplingConfig(_Section):
     mode: str = field(default="renoise", metadata=_choices("renoise", "trajectory"))
     num_inference_steps: int = field(default=50, metadata=_POSITIVE)
     guidance_scale: float = field(default=6.0, metadata=_NON_NEGATIVE)
+    batch_size: int = field(default=1, metadata=_POSITIVE)
 
 
 @dataclass

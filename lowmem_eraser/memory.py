@@ -8,6 +8,7 @@ tests and the CPU progress bar measure that; on CUDA the allocator's own peak is
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -58,38 +59,37 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 class MemoryMeter:
-    """Peak memory of the code run inside `with`, for the progress bar.
+    """Peak memory of the training steps, for the progress bar; wrap each step in `meter.step()`.
 
-    CUDA: `torch.cuda.max_memory_allocated` (everything allocated on the device, weights included; the
-    peak statistic is reset on entry). CPU: the peak of a LiveTensorTracker, so only tensors created inside.
+    CUDA: `torch.cuda.max_memory_allocated` since the meter was made (everything on the device, weights
+    included). CPU: the peak of a LiveTensorTracker (tensors created inside the steps) over the first
+    `cpu_steps` steps only: the tracker runs Python for every operator, which made toy-model steps several
+    times slower, and a step's shapes are fixed, so later steps repeat its peak.
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, cpu_steps: int = 1):
         self.device = torch.device(device)
+        self.cpu_steps = cpu_steps
         self._tracker = None if self.device.type == "cuda" else LiveTensorTracker()
-
-    def __enter__(self) -> "MemoryMeter":
+        self._steps = 0
         if self._tracker is None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._tracker.__enter__()
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self._tracker is not None:
-            self._tracker.__exit__(*exc_info)
+    @contextmanager
+    def step(self):
+        measured = self._tracker is not None and self._steps < self.cpu_steps
+        self._steps += 1
+        if not measured:
+            yield
+            return
+        with self._tracker:
+            yield
 
     @property
     def peak_bytes(self) -> int:
         if self._tracker is None:
             return torch.cuda.max_memory_allocated(self.device)
         return self._tracker.peak_bytes
-
-    def reset_peak(self) -> None:
-        if self._tracker is None:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._tracker.reset_peak()
 
 
 def tensor_bytes(module_or_tensors: nn.Module | Iterable[torch.Tensor]) -> int:

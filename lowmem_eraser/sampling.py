@@ -56,12 +56,17 @@ def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, st
 
 @torch.no_grad()
 def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device) -> torch.Tensor:
-    """x0 for each target prompt, generated with the frozen model (adapters off). Returns [n, F, C, H, W] on CPU."""
-    generator = torch.Generator(device).manual_seed(seed)
+    """x0 for each target prompt, generated with the frozen model (adapters off). Returns [n, F, C, H, W] on CPU.
+
+    Prompts are sampled `sampling.batch_size` at a time; prompt i always draws its noise from seed + i, so
+    x0 is the same for every batch size.
+    """
     latents = []
     with erasers_disabled(pipe.transformer):
-        for i in range(target_embeds.shape[0]):
-            latents.append(_generate(pipe, target_embeds[i : i + 1], empty, video, sampling, generator, device).cpu())
+        for start in range(0, target_embeds.shape[0], sampling.batch_size):
+            chunk = target_embeds[start : start + sampling.batch_size]
+            generators = [torch.Generator(device).manual_seed(seed + start + i) for i in range(chunk.shape[0])]
+            latents.append(_generate(pipe, chunk, empty, video, sampling, generators, device).cpu())
     return torch.cat(latents)
 
 

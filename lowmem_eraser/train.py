@@ -6,7 +6,7 @@ config switch: `memory.quantize` (quantize.py), `memory.gradient_checkpointing` 
 adapter switches at recomputation), `memory.offload` (offload.py), `memory.kernels` (kernels/); the text
 encoder runs once and is freed before the transformer loads (text.py) and the VAE is never loaded.
 
-    v_neg = v_θ(x_t, ∅) − η·(v_θ(x_t, c) − v_θ(x_t, ∅))
+    v_neg = v_θ(x_t, ∅) − η·(v_θ(x_t, c) − v_θ(x_t, ∅))      (loss.anchor: preservation puts c_pre in place of ∅)
     L = ‖v_θ'(x_t, c) − v_neg‖² + α·L_loc + β·‖v_θ'(x_t, c_pre) − v_θ(x_t, c_pre)‖²
 """
 
@@ -95,6 +95,7 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
     benchmarks and the memory planner, so that all of them measure the same step.
     """
     # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
+    anchored = loss_cfg.anchor == "preservation"  # v_neg starts from v(x_t, c_pre) instead of v(x_t, ∅)
     with torch.no_grad(), erasers_disabled(transformer):
         if loss_cfg.alpha > 0:
             with ConceptMaskCapture(transformer, concept_tokens, frames) as capture:
@@ -102,10 +103,13 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
             mask = capture.mask(loss_cfg.mask_threshold)
         else:
             v_c = velocity(transformer, x_t, t, c, rotary)
-        v_empty = velocity(transformer, x_t, t, empty, rotary)
-        v_neg = (v_empty - loss_cfg.eta * (v_c - v_empty)).float()
-        del v_c, v_empty
-        v_pre = velocity(transformer, x_t, t, c_pre, rotary).float() if loss_cfg.beta > 0 else None
+        v_anchor = velocity(transformer, x_t, t, c_pre if anchored else empty, rotary)
+        v_neg = (v_anchor - loss_cfg.eta * (v_c - v_anchor)).float()
+        del v_c
+        v_pre = None
+        if loss_cfg.beta > 0:
+            v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, rotary)).float()
+        del v_anchor
 
     # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
     loc = torch.zeros((), device=x_t.device)
@@ -220,8 +224,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     # 3. x0 for `renoise`: one sample per target prompt from the frozen model, generated once and cached.
     if config.sampling.mode == "renoise":
+        sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
         settings = [cache_key(config.model, pairs, config.concept, max_length, dtype), loop.seed,
-                    config.to_dict()["sampling"], config.to_dict()["video"], config.memory.quantize]
+                    sampling, config.to_dict()["video"], config.memory.quantize]
         x0_path = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}.pt"
         x0 = cached(x0_path, lambda: generate_clean_latents(
             pipe, text.target, text.empty, video, config.sampling, loop.seed, device))
@@ -240,7 +245,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     step_rng = generator.get_state()
     bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc="erasing", dynamic_ncols=True)
     try:
-        with MemoryMeter(device) as meter, metrics_path.open("a") as metrics:
+        meter = MemoryMeter(device)
+        with metrics_path.open("a") as metrics:
             for step in bar:
                 began = time.perf_counter()
                 step_rng = generator.get_state()  # an interrupted step is redone from here on --resume
@@ -256,9 +262,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
                 x_t, t = x_t.to(device, dtype), t.to(device)
 
-                losses = eraser_losses_backward(
-                    transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], rotary, frames, loss_cfg
-                )
+                with meter.step():
+                    losses = eraser_losses_backward(
+                        transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], rotary, frames,
+                        loss_cfg,
+                    )
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)

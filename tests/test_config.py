@@ -82,6 +82,8 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
         ({"loss.eta": -1.0}, "loss.eta: expected a value >= 0, got -1.0"),
         ({"loss.alpha": -0.5}, "loss.alpha: expected a value >= 0, got -0.5"),
         ({"loss.beta": -2}, "loss.beta: expected a value >= 0, got -2"),
+        ({"loss.anchor": "blue"}, "loss.anchor: expected one of empty, preservation; got 'blue'"),
+        ({"sampling.batch_size": 0}, "sampling.batch_size: expected a value > 0, got 0"),
         ({"loss.mask_threshold": 1.5}, "loss.mask_threshold: expected a value in [0, 1], got 1.5"),
         ({"video.frames": 48}, "video.frames: expected 8k+1 frames (e.g. 49), got 48"),
         ({"video.height": 470}, "video.height: expected a positive multiple of 16, got 470"),

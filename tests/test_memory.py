@@ -25,15 +25,20 @@ def test_tracker_counts_new_storages_exactly():
     assert tracker.live_bytes == 0
 
 
-def test_memory_meter_on_cpu_reports_the_tracker_peak():
-    with MemoryMeter("cpu") as meter:
+def test_memory_meter_on_cpu_tracks_the_first_steps_only():
+    meter = MemoryMeter("cpu", cpu_steps=2)
+    with meter.step():
         x = torch.empty(256)
         del x
         y = torch.empty(64)
-        assert meter.peak_bytes == 1024
-        meter.reset_peak()
-        assert meter.peak_bytes == 256
-    del y
+    assert meter.peak_bytes == 1024
+    with meter.step():
+        z = torch.empty(512)  # 1024 + 256 alive at once
+    assert meter.peak_bytes == 256 + 2048
+    with meter.step():  # past cpu_steps: not tracked
+        big = torch.empty(10_000)
+    assert meter.peak_bytes == 256 + 2048
+    del y, z, big
 
 
 def test_tensor_bytes_counts_each_storage_once():

@@ -261,3 +261,55 @@ def test_learning_rate_warmup_then_constant_or_cosine():
     assert factors[:3] == [0.5, 1.0, 1.0]
     assert all(a > b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
     assert lr_factor(cosine, 10) == pytest.approx(0.0)
+
+
+def test_clean_latents_do_not_depend_on_the_sampling_batch_size(tiny_model, tmp_path):
+    from lowmem_eraser import attach_erasers
+    from lowmem_eraser.config import SamplingConfig
+    from lowmem_eraser.sampling import generate_clean_latents, make_pipeline
+    from lowmem_eraser.text import encode_prompts
+
+    config = load_config(make_config(tiny_model, tmp_path / "x0"))
+    cpu = torch.device("cpu")
+    text = encode_prompts(config.model, PAIRS, "red", 10, torch.float32, cpu, tmp_path / "cache")
+    transformer = train_module.load_transformer(config, torch.float32, cpu)
+    attach_erasers(transformer, rank=8)
+    pipe = make_pipeline(transformer, train_module.load_scheduler(config.model))
+    pipe.set_progress_bar_config(disable=True)
+    one, batched = (
+        generate_clean_latents(pipe, text.target, text.empty, config.video,
+                               SamplingConfig(num_inference_steps=4, guidance_scale=4.0, batch_size=size), 7, cpu)
+        for size in (1, 3)
+    )
+    assert one.shape == (4, 3, 4, 8, 8)
+    torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-5)  # same noise per prompt; only GEMM order differs
+    assert not torch.allclose(one[0], one[1])  # each prompt has its own noise
+
+
+@pytest.mark.parametrize("anchor", ["empty", "preservation"])
+def test_unlearning_target_starts_from_the_configured_anchor(anchor):
+    from conftest import randomize_erasers, tiny_transformer
+    from lowmem_eraser import attach_erasers, erasers_disabled
+    from lowmem_eraser.config import LossConfig
+    from lowmem_eraser.train import eraser_losses_backward, velocity
+
+    transformer = tiny_transformer()
+    erasers = attach_erasers(transformer, rank=4)
+    randomize_erasers(erasers)
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 3, 4, 8, 8, generator=gen)
+    t = torch.tensor([100, 700])
+    c, empty, c_pre = (torch.randn(2, 7, 24, generator=gen) for _ in range(3))
+    loss = LossConfig(eta=2.5, alpha=0.0, beta=0.5, anchor=anchor)
+    terms = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss)
+
+    with torch.no_grad():
+        with erasers_disabled(transformer):
+            v_c, v_empty, v_pre = (velocity(transformer, x_t, t, text, None) for text in (c, empty, c_pre))
+        v_anchor = v_pre if anchor == "preservation" else v_empty
+        v_neg = v_anchor - loss.eta * (v_c - v_anchor)
+        unlearn = (velocity(transformer, x_t, t, c, None) - v_neg).pow(2).mean()
+        pre = (velocity(transformer, x_t, t, c_pre, None) - v_pre).pow(2).mean()
+    torch.testing.assert_close(terms["unlearn"], unlearn, rtol=1e-5, atol=0)
+    torch.testing.assert_close(terms["pre"], pre, rtol=1e-5, atol=0)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in erasers.parameters())

@@ -1,7 +1,9 @@
 """Training prompt pairs for erasing one attribute value of the toy world (e.g. the colour "red").
 
 Each target caption (the concept, in a training phrasing) is paired with its preservation twin: the same
-caption with the attribute swapped for another value, cycling through the others so every one is kept.
+caption with the attribute swapped for another value. All phrasings of one attribute combination share the
+same twin, so the anchored target (`loss.anchor: preservation`) of a combination is one video, not an average of
+several; the twins cycle through the other values over the combinations, so every one is kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def prompt_pairs(concept: str) -> list[list[str]]:
     targets = [video for video in all_attribute_combinations() if getattr(video, attribute) == concept]
     pairs = []
     for i, video in enumerate(targets):
-        for j, phrasing in enumerate(TRAIN_PHRASINGS):
-            twin = replace(video, **{attribute: alternatives[(i + j) % len(alternatives)]})
+        for phrasing in TRAIN_PHRASINGS:
+            twin = replace(video, **{attribute: alternatives[i % len(alternatives)]})
             pairs.append([caption(video, phrasing), caption(twin, phrasing)])
     return pairs
