@@ -79,7 +79,8 @@ def _eval(args: argparse.Namespace) -> None:
     except (OSError, yaml.YAMLError) as exc:
         raise LowmemEraserError(f"--config: cannot read {args.config} ({exc})") from None
     steps = args.steps or config.sampling.num_inference_steps
-    result = evaluate(config.model, args.eraser, config.concept, steps, config.sampling.guidance_scale, args.seed)
+    result = evaluate(config.model, args.eraser, config.concept, steps, config.sampling.guidance_scale, args.seed,
+                      config.memory.kernels)
     print(markdown(result))
     json_path, md_path = write_report(result, Path(args.output or args.eraser))
     print(f"wrote {json_path} and {md_path}")
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--strength", type=float, default=1.0, help="eraser scale (0 = off, 1 = as trained)")
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--steps", type=int, default=50)
-    infer.add_argument("--frames", type=int, default=49, help="8k+1 frames")
+    infer.add_argument("--frames", type=int, default=None,
+                       help="8k+1 frames (default: the transformer's sample_frames, 49 for CogVideoX)")
     infer.add_argument("--guidance", type=float, default=6.0)
     infer.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                        help="CUDA only: the pipeline's model / sequential CPU offload")

@@ -23,7 +23,7 @@ FPS = 8  # CogVideoX's published frame rate
 class Generation:
     prompt: str
     steps: int = 50
-    frames: int = 49
+    frames: int | None = None  # None: the transformer's sample_frames (49 for CogVideoX, 17 for the toy model)
     height: int | None = None  # None: the transformer's sample size
     width: int | None = None
     guidance: float = 6.0
@@ -66,13 +66,14 @@ def load_pipeline(model: str | Path, offload: str = "none"):
 
 def generate(pipe, spec: Generation) -> np.ndarray:
     """One video as uint8 frames [F, H, W, 3]."""
-    if spec.frames <= 0 or spec.frames % 8 != 1:
-        raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {spec.frames}")
-    device = pipe._execution_device
     config = pipe.transformer.config
+    frames = spec.frames if spec.frames is not None else config.sample_frames
+    if frames <= 0 or frames % 8 != 1:
+        raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {frames}")
+    device = pipe._execution_device
     output = pipe(
         prompt=spec.prompt,
-        num_frames=spec.frames,
+        num_frames=frames,
         height=spec.height or config.sample_height * pipe.vae_scale_factor_spatial,
         width=spec.width or config.sample_width * pipe.vae_scale_factor_spatial,
         num_inference_steps=spec.steps,

@@ -27,14 +27,14 @@ def vae_model(tmp_path_factory):
 
 def _args(root, output, *extra):
     return ["infer", "--model", str(root / "model"), "--eraser", str(root / "eraser"), "--prompt", PROMPTS[0],
-            "--output", str(output), "--steps", "2", "--frames", "9", *extra]
+            "--output", str(output), "--steps", "2", *extra]
 
 
 def test_infer_writes_a_gif_and_compare_puts_base_and_erased_side_by_side(vae_model, tmp_path):
-    assert cli_main(_args(vae_model, tmp_path / "out.gif")) == 0
+    assert cli_main(_args(vae_model, tmp_path / "out.gif", "--frames", "9")) == 0
     with Image.open(tmp_path / "out.gif") as gif:
         assert gif.n_frames == 9 and gif.size == (64, 64)
-    assert cli_main(_args(vae_model, tmp_path / "cmp.gif", "--compare")) == 0
+    assert cli_main(_args(vae_model, tmp_path / "cmp.gif", "--compare", "--frames", "9")) == 0
     with Image.open(tmp_path / "cmp.gif") as gif:
         assert gif.n_frames == 9 and gif.size == (64 + 2 + 64, 64)
         frame = np.asarray(gif.convert("RGB"))
@@ -58,8 +58,8 @@ def test_strength_zero_and_disabled_erasers_give_the_base_video(vae_model):
     assert not np.array_equal(erased, base)
 
 
-def test_infer_writes_an_mp4(vae_model, tmp_path):
-    assert cli_main(_args(vae_model, tmp_path / "out.mp4", "--seed", "3")) == 0
+def test_infer_writes_an_mp4_with_the_models_own_frame_count_by_default(vae_model, tmp_path):
+    assert cli_main(_args(vae_model, tmp_path / "out.mp4", "--seed", "3")) == 0  # no --frames: sample_frames = 9
     frames = iio.imread(tmp_path / "out.mp4")
     assert frames.shape == (9, 64, 64, 3)
 

@@ -8,6 +8,9 @@ from lowmem_eraser.toy.evaluate import concept_attribute, evaluate, markdown, wr
 from lowmem_eraser.toy.prompts import prompt_pairs
 
 ROOT = Path(__file__).parents[1]
+SHORT_RUN_STEPS = 40  # of configs/toy.yaml's 200
+EVAL_STEPS = 10  # sampling steps for the eval (the config's: 25)
+MAX_SHORT_RUN_RED_RATE = 0.25  # measured here: 0.0 after 40 steps (base 1.0)
 
 
 def test_shipped_toy_prompt_pairs_are_generated_from_the_world():
@@ -32,3 +35,21 @@ def test_eval_with_a_zero_eraser_reports_no_change(tmp_path):
     json_path, md_path = write_report(result, tmp_path / "zero")
     assert json_path.is_file() and "| target prompts (24): colour = red generated |" in md_path.read_text()
     assert markdown(result) == md_path.read_text()
+
+
+def test_a_short_erasure_run_moves_the_red_rate_down(tmp_path):
+    """configs/toy.yaml through the real `train`, cut short, then `evaluate` at fewer sampling steps."""
+    from lowmem_eraser.config import load_config
+    from lowmem_eraser.train import train
+
+    config = load_config(ROOT / "configs" / "toy.yaml", [
+        f"model={ROOT / 'models' / 'toy'}", f"prompts={ROOT / 'configs' / 'prompts' / 'toy_red.yaml'}",
+        f"output_dir={tmp_path / 'run'}", f"train.steps={SHORT_RUN_STEPS}", "train.save_every=1000",
+        "memory.kernels=torch",  # conftest turns on the Triton interpreter; the kernels have their own tests
+    ])
+    eraser = train(config)
+    result = evaluate(config.model, eraser, "red", steps=EVAL_STEPS, guidance=config.sampling.guidance_scale,
+                      kernels=config.memory.kernels)
+    assert result["target_rate_base"] >= 0.9
+    assert result["target_rate_erased"] <= MAX_SHORT_RUN_RED_RATE
+    assert result["non_target_accuracy_ratio"] >= 0.9

@@ -51,8 +51,9 @@ def _generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, 
     return torch.cat(videos)
 
 
-def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0) -> dict:
-    """Base vs erased figures on the held-out prompts (see the module doc)."""
+def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+             kernels: str = "auto") -> dict:
+    """Base vs erased figures on the held-out prompts (see the module doc); `kernels` as `memory.kernels`."""
     from .. import erasers_disabled, load_erasers
     from ..infer import load_pipeline
 
@@ -63,7 +64,7 @@ def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 2
     is_target = [getattr(video, attribute) == concept for video in truth]
 
     pipe = load_pipeline(model)
-    load_erasers(pipe.transformer, eraser)
+    load_erasers(pipe.transformer, eraser).kernels = kernels
     with erasers_disabled(pipe.transformer):
         base = _generate(pipe, prompts, steps, guidance, seed)
     erased = _generate(pipe, prompts, steps, guidance, seed)
