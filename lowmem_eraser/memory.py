@@ -8,7 +8,7 @@ tests and the CPU progress bar measure that; on CUDA the allocator's own peak is
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
@@ -75,15 +75,11 @@ class MemoryMeter:
         if self._tracker is None:
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    @contextmanager
     def step(self):
+        """A context manager around one training step."""
         measured = self._tracker is not None and self._steps < self.cpu_steps
         self._steps += 1
-        if not measured:
-            yield
-            return
-        with self._tracker:
-            yield
+        return self._tracker if measured else nullcontext()
 
     @property
     def peak_bytes(self) -> int:

@@ -166,28 +166,28 @@ def build_toy_model(folder: str | Path, steps: int = DEFAULT_STEPS, seed: int = 
 
 def held_out_prompts() -> list[tuple[str, world.Video]]:
     """Every combination in every held-out phrasing: (prompt, attributes), 96 pairs."""
-    return [(world.caption(v, p), v) for p in world.HELD_OUT_PHRASINGS for v in world.all_attribute_combinations()]
+    return [(world.caption(v, p), v) for v in world.all_attribute_combinations() for p in world.HELD_OUT_PHRASINGS]
 
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = GATE_STEPS,
              guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 32) -> torch.Tensor:
-    """Latent videos `[n, F, C, H, W]` for `prompts` (CFG against "", DDIM, no VAE)."""
+    """Latent videos `[n, F, C, H, W]` (fp32, CPU) for `prompts` (CFG against "", DDIM, no VAE); the batch
+    starting at prompt i draws its noise from seed + i."""
     pipe.set_progress_bar_config(disable=True)
-    gen = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for start in range(0, len(prompts), batch_size):
         out.append(pipe(
-            prompt=prompts[i : i + batch_size],
+            prompt=prompts[start : start + batch_size],
             negative_prompt="",
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
-            generator=gen,
+            generator=torch.Generator(pipe._execution_device).manual_seed(seed + start),
             output_type="latent",
             max_sequence_length=pipe.transformer.config.max_text_seq_length,
             return_dict=False,
             **toy_video_kwargs(),
-        )[0])
+        )[0].float().cpu())
     return torch.cat(out)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .world import COLOURS, HELD_OUT_PHRASINGS, MOTIONS, SHAPES, Video, all_attribute_combinations, caption, detect
+from .build import generate, held_out_prompts
+from .world import COLOURS, MOTIONS, SHAPES, Video, detect
 
 ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS}
 # (metric, comparison, bound): the targets of the toy world (issue 5)
@@ -37,20 +38,6 @@ def _accuracy(detected: list[Video | None], truth: list[Video], attribute: str) 
     return sum(d is not None and getattr(d, attribute) == getattr(t, attribute) for d, t in zip(detected, truth)) / len(truth)
 
 
-@torch.no_grad()
-def _generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 32) -> torch.Tensor:
-    from .build import toy_video_kwargs
-
-    videos = []
-    for start in range(0, len(prompts), batch):
-        generator = torch.Generator(pipe._execution_device).manual_seed(seed + start)
-        videos.append(pipe(prompt=prompts[start : start + batch], num_inference_steps=steps, guidance_scale=guidance,
-                           generator=generator, output_type="latent", return_dict=False,
-                           max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                           **toy_video_kwargs())[0].float().cpu())
-    return torch.cat(videos)
-
-
 def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0,
              kernels: str = "auto") -> dict:
     """Base vs erased figures on the held-out prompts (see the module doc); `kernels` as `memory.kernels`."""
@@ -59,15 +46,14 @@ def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 2
 
     attribute = concept_attribute(concept)
     others = [name for name in ATTRIBUTES if name != attribute]
-    truth = [video for video in all_attribute_combinations() for _ in HELD_OUT_PHRASINGS]
-    prompts = [caption(video, phrasing) for video in all_attribute_combinations() for phrasing in HELD_OUT_PHRASINGS]
+    prompts, truth = map(list, zip(*held_out_prompts()))
     is_target = [getattr(video, attribute) == concept for video in truth]
 
     pipe = load_pipeline(model)
     load_erasers(pipe.transformer, eraser).kernels = kernels
     with erasers_disabled(pipe.transformer):
-        base = _generate(pipe, prompts, steps, guidance, seed)
-    erased = _generate(pipe, prompts, steps, guidance, seed)
+        base = generate(pipe, prompts, seed, steps, guidance)
+    erased = generate(pipe, prompts, seed, steps, guidance)
     detected = {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
 
     def subset(values, target):
