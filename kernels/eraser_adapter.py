@@ -11,38 +11,31 @@ Weight gradients are split over tokens into per-program partial sums reduced on 
 
 from __future__ import annotations  # ``tl.constexpr`` annotations must not need triton to import
 
-import os
-
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the PyTorch reference below still works
-    triton = None
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+from .utils import (
+    Launch, Target, block, cdiv, check_close, dot_args, fp32_dot, jit, kernel_usable, pipeline_stages, runs_triton, target_of,
+    tl,
+)
 
 
-@_jit
+# Constants are literals: a plain Python global read inside an @jit function compiles under the interpreter
+# but is a NameError when compiling for a GPU (tests/test_kernel_compile.py checks every kernel for that).
+@jit
 def _gelu(h):
-    """Exact erf GELU of an fp32 tile (``tl.math.erf`` needs fp32)."""
-    return 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT2))
+    """Exact erf GELU of an fp32 tile (``tl.math.erf`` needs fp32). 0.7071... = 1/sqrt(2)."""
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
 
 
-@_jit
+@jit
 def _gelu_grad(h):
-    """d gelu / dh = Phi(h) + h * phi(h)."""
-    cdf = 0.5 * (1.0 + tl.math.erf(h * _INV_SQRT2))
-    return cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    """d gelu / dh = Phi(h) + h * phi(h). 0.3989... = 1/sqrt(2*pi)."""
+    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
 
-@_jit
+@jit
 def _down_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, out_ptr,
     M, N, K,
@@ -80,7 +73,7 @@ def _down_kernel(
     tl.store(out_ptr + out_offs, acc, mask=mask)
 
 
-@_jit
+@jit
 def _up_kernel(
     a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K,
@@ -122,7 +115,7 @@ def _up_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _weight_grad_kernel(
     a_ptr, b_ptr, dw_ptr, db_ptr,
     M, N, T, T_PER_SPLIT,
@@ -158,26 +151,16 @@ def _weight_grad_kernel(
         tl.store(db_ptr + pid_s * M + offs_m, db * scale, mask=offs_m < M)
 
 
-def _block(n: int, cap: int) -> int:
-    """Power-of-two tile edge covering ``n``: at least 16 (``tl.dot`` minimum), at most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    """Operand dtype for ``tl.dot``: the activation dtype on GPU (fp32 master weights are cast to
-    it, as the reference does); fp32 in the interpreter, whose bf16/fp16 dot is wrong. fp32
-    operands use IEEE precision, not the TF32 default, to match PyTorch's fp32 matmul."""
-    name = "float32" if _INTERPRET else str(dtype).removeprefix("torch.")
-    return {"DOT_TY": getattr(tl, name), "PRECISION": "ieee" if name == "float32" else "tf32"}
-
-
-def _tiles(m: int, n: int, k: int, gpu: dict) -> dict:
-    """Tile sizes and launch options. The interpreter gets big tiles (fewer programs run 3-6x
-    faster there); the GPU gets fixed sizes for the real shapes (N ~ 18k, dim 1920-3072, rank 128)."""
-    if _INTERPRET:
-        return {"BLOCK_M": _block(m, 512), "BLOCK_N": _block(n, 128), "BLOCK_K": _block(k, 128)}
-    tiles = {name: _block(size, gpu[name]) for name, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k))}
-    return {**tiles, "num_warps": gpu["num_warps"], "num_stages": 3}
+def _dot_tiles(m: int, n: int, k: int, a_bytes: int, w_bytes: int, caps: dict, target: Target) -> tuple[dict, dict]:
+    """(tiles, launch options) of a [m, k] @ [k, n] kernel. The interpreter gets big tiles (fewer programs
+    run 3-6x faster there); a GPU gets `caps` (sized for N ~ 18k tokens, dim 1920-5120, rank 64-128) and the
+    deepest pipeline that fits its shared memory."""
+    if target.interpreter:
+        return {"BLOCK_M": block(m, 512), "BLOCK_N": block(n, 128), "BLOCK_K": block(k, 128)}, {}
+    fp32 = a_bytes == 4 and w_bytes == 4
+    bm, bn, bk = block(m, caps["BLOCK_M"]), block(n, caps["BLOCK_N"]), block(k, min(caps["BLOCK_K"], 32 if fp32 else 64))
+    stages = pipeline_stages(bk * (bm * a_bytes + bn * w_bytes), target, preferred=3, fixed_bytes=4 * bk * bn * fp32)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, {"num_warps": caps["num_warps"], "num_stages": stages}
 
 
 _DOWN_GPU = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}
@@ -185,37 +168,37 @@ _UP_GPU = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
 
 
 def _down(a, w_kn, bias_or_h, scale, backward):
-    """fp32 [M, rank] = a [M, K] @ w_kn [K, rank] + bias (forward) or * scale * gelu'(h) (backward)."""
+    """fp32 [M, rank] = a [M, K] @ w_kn [K, rank] + bias (forward) or * scale * gelu'(h) (backward).
+    `w_kn` is already in a's dtype."""
     M, K = a.shape
     N = w_kn.shape[1]
+    target = target_of(a.device)
     out = torch.empty(M, N, device=a.device, dtype=torch.float32)
-    cfg = _tiles(M, N, K, _DOWN_GPU)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _down_kernel[grid](
-        a, w_kn, bias_or_h, bias_or_h, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale,
-        BACKWARD=backward, **_dot_args(a.dtype), **cfg,
-    )
+    tiles, options = _dot_tiles(M, N, K, a.element_size(), w_kn.element_size(), _DOWN_GPU, target)
+    grid = (cdiv(M, tiles["BLOCK_M"]), cdiv(N, tiles["BLOCK_N"]))
+    Launch(
+        _down_kernel, grid, (a, w_kn, bias_or_h, bias_or_h, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale),
+        {"BACKWARD": backward, **dot_args(a.dtype, target), **tiles}, options,
+    )()
     return out
 
 
 def _up(a, w_kn, bias, res, scale, add_res):
     """res + scale * (gelu(a) @ w_kn + bias) (forward), or res + a @ w_kn when bias is None (backward);
-    without `add_res` the `res +` is left out. [M, dim] in res's dtype."""
+    without `add_res` the `res +` is left out. `a` is fp32 [M, rank]; [M, dim] in res's dtype."""
     M, K = a.shape
     N = res.shape[1]
+    target = target_of(a.device)
     out = torch.empty_like(res)
-    cfg = _tiles(M, N, K, _UP_GPU)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    tiles, options = _dot_tiles(M, N, K, a.element_size(), w_kn.element_size(), _UP_GPU, target)
+    grid = (cdiv(M, tiles["BLOCK_M"]), cdiv(N, tiles["BLOCK_N"]))
     forward = bias is not None
-    _up_kernel[grid](
-        a, w_kn, bias if forward else out, res, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale,
-        FORWARD=forward, ADD_RES=add_res, **_dot_args(res.dtype), **cfg,
-    )
+    Launch(
+        _up_kernel, grid,
+        (a, w_kn, bias if forward else out, res, out, M, N, K, w_kn.stride(0), w_kn.stride(1), scale),
+        {"FORWARD": forward, "ADD_RES": add_res, **dot_args(res.dtype, target), **tiles}, options,
+    )()
     return out
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _weight_grad(a, b, scale, gelu_b, dot_dtype, w_dtype, b_dtype):
@@ -225,28 +208,38 @@ def _weight_grad(a, b, scale, gelu_b, dot_dtype, w_dtype, b_dtype):
     tiles to fill a GPU."""
     T, M = a.shape
     N = b.shape[1]
-    bm, bn = _block(M, 128), _block(N, 128)
-    bt = 256 if _INTERPRET else 64
-    cfg = {} if _INTERPRET else {"num_warps": 8, "num_stages": 3}
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    chunks = triton.cdiv(T, bt)
-    t_per_split = triton.cdiv(chunks, min(chunks, max(1, 2 * _num_sms(a.device) // tiles))) * bt
-    splits = triton.cdiv(T, t_per_split)
+    target = target_of(a.device)
+    bm, bn = block(M, 128), block(N, 128)
+    if target.interpreter:
+        bt, options = 256, {}
+    else:
+        fp32 = fp32_dot(dot_dtype, target)
+        bt = 32 if fp32 else 64
+        stages = pipeline_stages(bt * (bm * a.element_size() + bn * b.element_size()), target, preferred=3,
+                                 fixed_bytes=4 * bt * max(bm, bn) * fp32)
+        options = {"num_warps": 8, "num_stages": stages}
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    chunks = cdiv(T, bt)
+    t_per_split = cdiv(chunks, min(chunks, max(1, 2 * target.num_sms // tiles))) * bt
+    splits = cdiv(T, t_per_split)
     dw = torch.empty(splits, M, N, device=a.device, dtype=torch.float32)
     db = torch.empty(splits, M, device=a.device, dtype=torch.float32)
-    _weight_grad_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
-        a, b, dw, db, M, N, T, t_per_split, scale,
-        GELU_B=gelu_b, **_dot_args(dot_dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt, **cfg,
-    )
+    Launch(
+        _weight_grad_kernel, (cdiv(M, bm), cdiv(N, bn), splits), (a, b, dw, db, M, N, T, t_per_split, scale),
+        {"GELU_B": gelu_b, **dot_args(dot_dtype, target), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_T": bt}, options,
+    )()
     return dw.sum(0).to(w_dtype), db.sum(0).to(b_dtype)
 
 
 class _EraserAdapterFunction(torch.autograd.Function):
+    """Weights enter the dots in x's dtype, as in the reference: cast once on the host (rank x dim, tiny),
+    which also halves their shared-memory tiles."""
+
     @staticmethod
     def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, scale, residual):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        h = _down(x2d, down_weight.t(), down_bias, 1.0, False)
-        out = _up(h, up_weight.t(), up_bias, x2d, scale, residual)
+        h = _down(x2d, down_weight.to(x.dtype).t(), down_bias, 1.0, False)
+        out = _up(h, up_weight.to(x.dtype).t(), up_bias, x2d, scale, residual)
         ctx.save_for_backward(x2d, h, down_weight, up_weight)
         ctx.scale, ctx.residual = scale, residual
         ctx.bias_dtypes = (down_bias.dtype, up_bias.dtype)
@@ -261,9 +254,9 @@ class _EraserAdapterFunction(torch.autograd.Function):
         if needs_wu or needs_bu:
             d_wu, d_bu = _weight_grad(grad, h, ctx.scale, True, x2d.dtype, up_weight.dtype, ctx.bias_dtypes[1])
         if needs_x or needs_wd or needs_bd:
-            dh = _down(grad, up_weight, h, ctx.scale, True)
+            dh = _down(grad, up_weight.to(x2d.dtype), h, ctx.scale, True)
             if needs_x:
-                dx = _up(dh, down_weight, None, grad, 1.0, ctx.residual)
+                dx = _up(dh, down_weight.to(x2d.dtype), None, grad, 1.0, ctx.residual)
                 dx = dx.view(grad_out.shape)
             if needs_wd or needs_bd:
                 d_wd, d_bd = _weight_grad(dh, x2d, 1.0, False, x2d.dtype, down_weight.dtype, ctx.bias_dtypes[0])
@@ -278,20 +271,43 @@ def eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scal
     return x + delta if residual else delta
 
 
-def _runs_triton(x: torch.Tensor) -> bool:
-    if triton is None or is_fake(x):
-        return False
-    return x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")
+PROBE_TOKENS = 256  # >= every token tile, so the probe compiles the tiles of the real shapes
+
+
+def _probe(device, dtype, weight_dtype, dim, rank):
+    """Forward and backward of the fused op on small inputs vs the reference (see `kernel_usable`)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(PROBE_TOKENS, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    weights = [(torch.randn(shape, device=device, generator=gen) / shape[-1] ** 0.5).to(weight_dtype).requires_grad_()
+               for shape in ((rank, dim), (rank,), (dim, rank), (dim,))]
+    grad = torch.randn(PROBE_TOKENS, dim, device=device, generator=gen).to(dtype)
+    rtol = 1e-3 if dtype == torch.float32 else 5e-2
+    with torch.enable_grad():
+        for residual in (True, False):
+            got = _EraserAdapterFunction.apply(x, *weights, 0.5, residual)
+            want = eraser_adapter_reference(x, *weights, 0.5, residual)
+            check_close("output", got, want, rtol)
+            for name, g, w in zip(("dx", "d_down_w", "d_down_b", "d_up_w", "d_up_b"),
+                                  torch.autograd.grad(got, [x, *weights], grad),
+                                  torch.autograd.grad(want, [x, *weights], grad)):
+                check_close(name, g, w, rtol)
 
 
 def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, residual=True):
     """``x + scale * (gelu(x @ Wd^T + bd) @ Wu^T + bu)`` for x [..., dim]; fused Triton kernels
     where Triton can run, else the PyTorch reference. Output in x's dtype; fp32 accumulation.
-    ``residual=False`` returns the adapter output alone (what the localisation loss needs)."""
+    ``residual=False`` returns the adapter output alone (what the localisation loss needs).
+    On a GPU the kernels are probed once per (device, dtypes, shape): a GPU or Triton they do not work
+    on gets one warning and the PyTorch reference."""
     rank, dim = down_weight.shape
     if x.shape[-1] != dim or tuple(up_weight.shape) != (dim, rank):
         raise ValueError(f"x [..., {x.shape[-1]}], down_weight {tuple(down_weight.shape)}, "
                          f"up_weight {tuple(up_weight.shape)} do not compose")
-    if not _runs_triton(x) or x.numel() == 0:
+    if not runs_triton(x) or x.numel() == 0:
+        return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale, residual)
+    if x.device.type == "cuda" and not kernel_usable(
+        "eraser_adapter", (x.device, x.dtype, down_weight.dtype, dim, rank),
+        lambda: _probe(x.device, x.dtype, down_weight.dtype, dim, rank),
+    ):
         return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale, residual)
     return _EraserAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, float(scale), residual)

@@ -8,23 +8,15 @@ backward computes only the input gradient (and the bias gradient if one is asked
 
 from __future__ import annotations  # ``tl.constexpr`` annotations must not need triton to import
 
-import os
-
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the PyTorch reference below still works
-    triton = None
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from .utils import (
+    Launch, block, cdiv, check_close, dot_args, fp32_dot, jit, kernel_usable, pipeline_stages, runs_triton, target_of, tl,
+)
 
 
-@_jit
+@jit
 def _w8a16_kernel(
     x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K,
@@ -65,11 +57,6 @@ def _w8a16_kernel(
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(n: int, cap: int) -> int:
-    """Power-of-two tile edge covering ``n``: at least 16 (``tl.dot`` minimum), at most ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
 def _w8a16(x2d, qweight, scale, bias, transposed):
     """x2d [M, K] @ dequant(qweight)^T (forward) or @ dequant(qweight) (``transposed``, input grad).
 
@@ -78,19 +65,22 @@ def _w8a16(x2d, qweight, scale, bias, transposed):
     M, K = x2d.shape
     q_kn = qweight if transposed else qweight.t()
     N = q_kn.shape[1]
+    target = target_of(x2d.device)
     out = torch.empty(M, N, device=x2d.device, dtype=x2d.dtype)
-    dot = "float32" if _INTERPRET else str(x2d.dtype).removeprefix("torch.")
-    if _INTERPRET:  # big tiles: fewer programs run 3-6x faster in the interpreter
-        cfg = {"BLOCK_M": _block(M, 512), "BLOCK_N": _block(N, 128), "BLOCK_K": _block(K, 128)}
+    if target.interpreter:  # big tiles: fewer programs run 3-6x faster in the interpreter
+        tiles, options = {"BLOCK_M": block(M, 512), "BLOCK_N": block(N, 128), "BLOCK_K": block(K, 128)}, {}
     else:
-        cfg = {"BLOCK_M": _block(M, 128), "BLOCK_N": _block(N, 128), "BLOCK_K": _block(K, 64),
-               "num_warps": 8, "num_stages": 4}
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _w8a16_kernel[grid](
-        x2d, q_kn, scale, bias if bias is not None else out, out, M, N, K, q_kn.stride(0), q_kn.stride(1),
-        SCALE_ALONG_K=transposed, HAS_BIAS=bias is not None, DOT_TY=getattr(tl, dot),
-        PRECISION="ieee" if dot == "float32" else "tf32", **cfg,
-    )
+        fp32 = fp32_dot(x2d.dtype, target)  # the int8 tile is converted to fp32 through shared memory
+        bm, bn, bk = block(M, 64 if fp32 else 128), block(N, 128), block(K, 32 if fp32 else 64)
+        tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        stages = pipeline_stages(bk * (bm * x2d.element_size() + bn), target, preferred=4, fixed_bytes=4 * bk * bn * fp32)
+        options = {"num_warps": 8, "num_stages": stages}
+    grid = (cdiv(M, tiles["BLOCK_M"]), cdiv(N, tiles["BLOCK_N"]))
+    Launch(
+        _w8a16_kernel, grid,
+        (x2d, q_kn, scale, bias if bias is not None else out, out, M, N, K, q_kn.stride(0), q_kn.stride(1)),
+        {"SCALE_ALONG_K": transposed, "HAS_BIAS": bias is not None, **dot_args(x2d.dtype, target), **tiles}, options,
+    )()
     return out
 
 
@@ -145,18 +135,38 @@ def int8_linear_reference(x, qweight, scale, bias=None):
     return _Int8LinearReference.apply(x, qweight, scale, bias)
 
 
-def _runs_triton(x: torch.Tensor) -> bool:
-    if triton is None or is_fake(x):
-        return False
-    return x.device.type == "cuda" or (_INTERPRET and x.device.type == "cpu")
+PROBE_TOKENS = 256  # >= every token tile, so the probe compiles the tiles of the real shapes
+
+
+def _probe(device, dtype, out_features, in_features, has_bias):
+    """Forward and input gradient of the kernel on small inputs vs the reference (see `kernel_usable`)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(PROBE_TOKENS, in_features, device=device, generator=gen).to(dtype).requires_grad_()
+    qweight = torch.randint(-127, 128, (out_features, in_features), device=device, generator=gen, dtype=torch.int8)
+    scale = torch.rand(out_features, device=device, generator=gen) / (127 * in_features**0.5)
+    bias = torch.randn(out_features, device=device, generator=gen).to(dtype) if has_bias else None
+    grad = torch.randn(PROBE_TOKENS, out_features, device=device, generator=gen).to(dtype)
+    rtol = 1e-3 if dtype == torch.float32 else 5e-2
+    with torch.enable_grad():
+        got = _Int8LinearFunction.apply(x, qweight, scale, bias)
+        want = int8_linear_reference(x, qweight, scale, bias)
+        check_close("output", got, want, rtol)
+        check_close("dx", *(torch.autograd.grad(y, x, grad)[0] for y in (got, want)), rtol)
 
 
 def int8_linear(x, qweight, scale, bias=None):
     """``x @ (scale[:, None] * qweight).T + bias`` for x [..., in], int8 qweight [out, in] and a
     per-output-row scale; Triton W8A16 kernel where Triton can run, else the PyTorch reference.
-    Output in x's dtype; fp32 accumulation; gradients for x (and bias), never for the weight."""
+    Output in x's dtype; fp32 accumulation; gradients for x (and bias), never for the weight.
+    On a GPU the kernel is probed once per (device, dtype, shape), as `eraser_adapter` is."""
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match qweight {tuple(qweight.shape)}")
-    if not _runs_triton(x) or x.numel() == 0:
+    if not runs_triton(x) or x.numel() == 0:
+        return int8_linear_reference(x, qweight, scale, bias)
+    out_features, in_features = qweight.shape
+    if x.device.type == "cuda" and not kernel_usable(
+        "int8_linear", (x.device, x.dtype, out_features, in_features, bias is not None),
+        lambda: _probe(x.device, x.dtype, out_features, in_features, bias is not None),
+    ):
         return int8_linear_reference(x, qweight, scale, bias)
     return _Int8LinearFunction.apply(x, qweight, scale, bias)

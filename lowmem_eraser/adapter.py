@@ -141,8 +141,6 @@ class EraserSet(nn.ModuleDict):
 
         return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
-    checkpoint.replays_eraser_state = True
-
 
 def get_erasers(transformer: nn.Module) -> EraserSet | None:
     """The EraserSet attached to `transformer`, or None."""
@@ -193,12 +191,69 @@ def apply_adapter(
     return eraser_adapter(x, *weights, scale, residual)
 
 
+# The replay goes through the public `ModelMixin.enable_gradient_checkpointing(gradient_checkpointing_func=...)`,
+# which diffusers 0.33.0 introduced (0.32.x: `enable_gradient_checkpointing(self)` takes no function and
+# CogVideoXTransformer3DModel calls `torch.utils.checkpoint.checkpoint` directly, so no replay can be
+# installed). Hence `diffusers>=0.33` in pyproject.toml.
+DIFFUSERS_CHECKPOINT_FUNC_MIN = "0.33"
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+
+        return diffusers.__version__
+    except Exception:  # pragma: no cover - diffusers is a hard dependency
+        return "not installed"
+
+
+def _is_diffusers_default(func) -> bool:
+    """Whether `func` is a checkpointing function diffusers installs itself (plain
+    `enable_gradient_checkpointing()`), not one a user chose: upgrading it to the replay loses nothing."""
+    return func is None or str(getattr(func, "__module__", None) or "").startswith("diffusers.")
+
+
+def _ensure_checkpoint_replay(erasers: EraserSet, transformer: nn.Module) -> None:
+    """If the transformer checkpoints its blocks, make sure it does so through `erasers.checkpoint`.
+
+    diffusers' default function is upgraded through the public API; a function someone else installed, or a
+    diffusers without the API, is refused: without the replay, backward after toggling the eraser switches
+    (the frozen pass, `collecting_localization`) fails or gives wrong gradients.
+    """
+    if not getattr(transformer, "gradient_checkpointing", False):
+        return
+    current = getattr(transformer, "_gradient_checkpointing_func", None)  # read only: the install is public
+    if current == erasers.checkpoint:
+        return
+    if not _is_diffusers_default(current):
+        raise LowmemEraserError(
+            f"gradient checkpointing runs {getattr(current, '__qualname__', current)!r}, not the eraser replay "
+            "(EraserSet.checkpoint): recomputation would not replay the eraser switches and backward breaks or "
+            "gives wrong gradients. Fix: transformer.enable_gradient_checkpointing("
+            "gradient_checkpointing_func=get_erasers(transformer).checkpoint), or plain "
+            "transformer.enable_gradient_checkpointing(), which the erasers upgrade themselves"
+        )
+    needed = (
+        f"gradient checkpointing with erasers needs diffusers>={DIFFUSERS_CHECKPOINT_FUNC_MIN} "
+        "(ModelMixin.enable_gradient_checkpointing(gradient_checkpointing_func=...) to install the eraser "
+        f"replay); installed: diffusers {_diffusers_version()}. Fix: pip install 'diffusers>="
+        f"{DIFFUSERS_CHECKPOINT_FUNC_MIN}', or turn gradient checkpointing off"
+    )
+    try:
+        transformer.enable_gradient_checkpointing(gradient_checkpointing_func=erasers.checkpoint)
+    except TypeError as error:
+        raise LowmemEraserError(needed) from error
+    installed = getattr(transformer, "_gradient_checkpointing_func", None)
+    if installed != erasers.checkpoint:
+        raise LowmemEraserError(
+            f"{needed} (the replay did not take: the transformer checkpoints with "
+            f"{getattr(installed, '__qualname__', installed)!r})"
+        )
+
+
 def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args, kwargs):
-    """Route the transformer's block checkpointing through `erasers.checkpoint` unless it already replays."""
-    if getattr(transformer, "gradient_checkpointing", False):
-        current = getattr(transformer, "_gradient_checkpointing_func", None)
-        if not getattr(current, "replays_eraser_state", False):
-            transformer._gradient_checkpointing_func = erasers.checkpoint
+    """Forward pre-hook: checkpointing may have been switched on (or reset) after attach_erasers."""
+    _ensure_checkpoint_replay(erasers, transformer)
 
 
 def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
@@ -213,6 +268,7 @@ def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
         adapter = EraserAdapter(_attention_dim(block.attn1), rank)
         adapters[COGVIDEOX_ERASER_KEY.format(i)] = adapter.to(device=_attention_device(block.attn1), dtype=torch.float32)
     erasers = EraserSet(adapters)
+    _ensure_checkpoint_replay(erasers, transformer)  # checkpointing already on (train.py, plan.py order)
     handles = [
         block.attn1.register_forward_hook(functools.partial(_adapter_hook, erasers, adapter))
         for block, adapter in zip(blocks, erasers.values())
@@ -233,7 +289,9 @@ def detach_erasers(transformer: nn.Module) -> EraserSet:
     for handle in erasers._hook_handles:
         handle.remove()
     del transformer.__dict__[_ATTR]
-    if getattr(transformer, "_gradient_checkpointing_func", None) == erasers.checkpoint:
+    if getattr(transformer, "gradient_checkpointing", False) and (
+        getattr(transformer, "_gradient_checkpointing_func", None) == erasers.checkpoint
+    ):
         transformer.enable_gradient_checkpointing()  # back to diffusers' default function
     return erasers
 

@@ -53,7 +53,13 @@ class Int8Linear(nn.Module):
 
 
 def _bnb_linear(linear: nn.Linear) -> nn.Module:
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LowmemEraserError(
+            "memory.quantize: bnb needs bitsandbytes, an optional extra: pip install 'lowmem-eraser[bnb]' "
+            "(or use int8/triton/auto, which need nothing extra)"
+        ) from None
 
     layer = bnb.nn.Linear8bitLt(
         linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=0.0

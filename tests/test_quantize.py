@@ -129,3 +129,11 @@ def test_int8_backend_quantizes_fake_tensors():
         out = run(transformer, tiny_inputs())
     assert out.shape == (1, 3, 4, 8, 8)
     assert type(transformer.transformer_blocks[0].attn1.to_q).__name__ == "Int8Linear"
+
+
+def test_bnb_backend_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if it were not installed
+    with pytest.raises(LowmemEraserError, match=r"pip install 'lowmem-eraser\[bnb\]'"):
+        quantize_base(tiny_transformer(), backend="bnb")
