@@ -64,7 +64,7 @@ def _infer(args: argparse.Namespace) -> None:
     from .infer import Generation, infer
 
     spec = Generation(args.prompt, steps=args.steps, frames=args.frames, guidance=args.guidance, seed=args.seed)
-    out = infer(args.model, args.eraser, spec, args.output, args.strength, args.offload, args.compare)
+    out = infer(args.model, args.eraser, spec, args.output, args.strength, args.offload, args.compare, args.vae_tiling)
     print(f"wrote {out}")
 
 
@@ -96,9 +96,18 @@ def _plan(args: argparse.Namespace) -> None:
     from . import plan
 
     budget = plan.parse_size(args.budget)
-    video = plan.check_video(args.frames, args.height, args.width)
-    loss = plan.check_loss(args.alpha, args.beta)
-    result = plan.make_plan(args.model, video, plan.check_rank(args.rank), loss, budget)
+    defaults = plan.plan_defaults(args.config)
+    given = {name: getattr(args, name) for name in defaults if getattr(args, name, None) is not None}
+    settings = {**defaults, **given}
+    if args.model is None and args.config is None:
+        raise LowmemEraserError("plan: give --model (a preset or a local folder) or --config (a train YAML)")
+    model = args.model if args.model is not None else settings.pop("model")
+    settings.pop("model", None)
+    video = plan.check_video(settings["frames"], settings["height"], settings["width"])
+    loss = plan.check_loss(settings["alpha"], settings["beta"])
+    run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"], settings["prompts"],
+                       settings["text_encoder"])
+    result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run)
     print(plan.format_plan(result))
     if args.config_out:
         print(f"wrote {plan.write_config(result, args.model, args.config_out)}")
@@ -138,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                        help="CUDA only: the pipeline's model / sequential CPU offload")
     infer.add_argument("--compare", action="store_true", help="write base | erased side by side (same seed)")
+    infer.add_argument("--vae-tiling", dest="vae_tiling", choices=("auto", "on", "off"), default="auto",
+                       help="VAE tiling + slicing (auto: on when the plain decode would not fit the free GPU memory)")
     infer.set_defaults(run=_infer)
 
     evaluate = commands.add_parser("eval", help="toy world: base vs erased figures on held-out prompts")
@@ -157,14 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_toy_build)
 
     plan = commands.add_parser("plan", help="predict peak GPU memory on this CPU and pick settings for a budget")
-    plan.add_argument("--model", required=True, help="cogvideox-2b, cogvideox-5b or a local diffusers folder")
+    plan.add_argument("--model", help="cogvideox-2b, cogvideox-5b or a local diffusers folder "
+                      "(default: the --config's model)")
+    plan.add_argument("--config", help="a train YAML: its video, rank, loss, sampling, prompt count and "
+                      "memory.text_encoder are planned (options given here override them)")
     plan.add_argument("--budget", required=True, help="GPU memory, e.g. 24GB (binary units: 24GB = 24 GiB)")
-    plan.add_argument("--frames", type=int, default=49, help="8k+1 frames")
-    plan.add_argument("--height", type=int, default=480)
-    plan.add_argument("--width", type=int, default=720)
-    plan.add_argument("--rank", type=int, default=128, help="eraser rank")
-    plan.add_argument("--alpha", type=float, default=1.0, help="L_loc weight (> 0 adds the concept-mask pass)")
-    plan.add_argument("--beta", type=float, default=0.5, help="L_pre weight (> 0 adds two passes)")
+    plan.add_argument("--frames", type=int, help="8k+1 frames (default 49)")
+    plan.add_argument("--height", type=int, help="default 480")
+    plan.add_argument("--width", type=int, help="default 720")
+    plan.add_argument("--rank", type=int, help="eraser rank (default 128)")
+    plan.add_argument("--alpha", type=float, help="L_loc weight (> 0 adds the concept-mask pass; default 1)")
+    plan.add_argument("--beta", type=float, help="L_pre weight (> 0 adds two passes; default 0.5)")
+    plan.add_argument("--sampling", choices=("renoise", "trajectory"), help="how x_t is drawn (default renoise)")
+    plan.add_argument("--prompts", type=int, help="number of prompt pairs (default 8)")
+    plan.add_argument("--text-encoder", dest="text_encoder", choices=("auto", "cuda", "cpu"),
+                      help="where T5 encodes the prompts (default auto: the GPU when it fits the budget)")
     plan.add_argument("--config-out", help="write a train YAML with the picked setting here")
     plan.set_defaults(run=_plan)
     return parser

@@ -156,7 +156,9 @@ class TrainLoopConfig(_Section):
 
 @dataclass
 class MemoryConfig(_Section):
-    """`offload: blocks` is accepted without CUDA (the training loop says so and runs without it)."""
+    """`offload: blocks` is accepted without CUDA (the training loop says so and runs without it).
+    `text_encoder`: where the prompts are encoded (once, then cached); `auto` puts the encoder on the GPU only
+    when it fits the free GPU memory, else on the CPU."""
 
     key: ClassVar[str] = "memory"
     quantize: str = field(default="int8", metadata=_choices("none", "int8", "triton", "bnb", "auto"))
@@ -164,6 +166,7 @@ class MemoryConfig(_Section):
     offload: str = field(default="none", metadata=_choices("none", "blocks"))
     dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+    text_encoder: str = field(default="auto", metadata=_choices("auto", "cuda", "cpu"))
 
 
 @dataclass

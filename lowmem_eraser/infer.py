@@ -7,6 +7,7 @@ documented renderer.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from .errors import LowmemEraserError
 
+logger = logging.getLogger(__name__)
 OFFLOAD_MODES = ("none", "model", "sequential")
 FPS = 8  # CogVideoX's published frame rate
 
@@ -64,18 +66,56 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     return pipe
 
 
-def generate(pipe, spec: Generation) -> np.ndarray:
+TILING_MODES = ("auto", "on", "off")
+
+
+def vae_tiling(pipe, mode: str, frames: int, height: int, width: int) -> bool:
+    """Turn VAE tiling and slicing on when `mode` says so or, for `auto`, when the plain decode would not fit:
+    its activation peak (simulated from the VAE's config, as `lowmem-eraser plan` does; 14.7 GiB at 49x480x720)
+    against what the GPU will have free at decode time. Returns whether tiling is on."""
+    if mode not in TILING_MODES:
+        raise LowmemEraserError(f"--vae-tiling: expected one of {', '.join(TILING_MODES)}, got {mode!r}")
+    if pipe.vae is None:
+        return False
+    tiled = mode == "on"
+    if mode == "auto" and pipe._execution_device.type == "cuda":
+        from .sampling import latent_frames
+        from .stages import ALLOCATOR_SLACK, vae_decode_peak
+
+        config = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
+        shape = (1, pipe.vae.config.latent_channels, latent_frames(frames), height // pipe.vae_scale_factor_spatial,
+                 width // pipe.vae_scale_factor_spatial)
+        peak = vae_decode_peak(config, shape, pipe.vae.dtype, tiled=False) * (1 + ALLOCATOR_SLACK)
+        device = pipe._execution_device
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        tiled = peak > free
+        logger.info("VAE decode needs %.2f GiB, %.2f GiB free: tiling %s", peak / 2**30, free / 2**30,
+                    "on" if tiled else "off")
+    if tiled:
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    else:
+        pipe.vae.disable_tiling()
+        pipe.vae.disable_slicing()
+    return tiled
+
+
+def generate(pipe, spec: Generation, tiling: str = "auto") -> np.ndarray:
     """One video as uint8 frames [F, H, W, 3]."""
     config = pipe.transformer.config
     frames = spec.frames if spec.frames is not None else config.sample_frames
     if frames <= 0 or frames % 8 != 1:
         raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {frames}")
+    height = spec.height or config.sample_height * pipe.vae_scale_factor_spatial
+    width = spec.width or config.sample_width * pipe.vae_scale_factor_spatial
+    vae_tiling(pipe, tiling, frames, height, width)
     device = pipe._execution_device
     output = pipe(
         prompt=spec.prompt,
         num_frames=frames,
-        height=spec.height or config.sample_height * pipe.vae_scale_factor_spatial,
-        width=spec.width or config.sample_width * pipe.vae_scale_factor_spatial,
+        height=height,
+        width=width,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
         generator=torch.Generator(device).manual_seed(spec.seed),
@@ -106,8 +146,10 @@ def export(frames: np.ndarray, path: str | Path, fps: int = FPS) -> Path:
     return path
 
 
-def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offload: str = "none", compare: bool = False):
-    """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed)."""
+def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offload: str = "none", compare: bool = False,
+          tiling: str = "auto"):
+    """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed).
+    `tiling`: VAE tiling and slicing, `auto` = on when the plain decode would not fit (see `vae_tiling`)."""
     from . import erasers_disabled, load_erasers, set_eraser_scale
 
     if Path(output).suffix not in (".gif", ".mp4"):
@@ -115,10 +157,10 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
     pipe = load_pipeline(model, offload)
     load_erasers(pipe.transformer, eraser)
     set_eraser_scale(pipe.transformer, strength)
-    erased = generate(pipe, spec)
+    erased = generate(pipe, spec, tiling)
     if compare:
         with erasers_disabled(pipe.transformer):
-            base = generate(pipe, spec)
+            base = generate(pipe, spec, tiling)
         separator = np.full((*base.shape[:2], max(2, base.shape[2] // 32), 3), 255, dtype=np.uint8)
         erased = np.concatenate([base, separator, erased], axis=2)
     return export(erased, output)

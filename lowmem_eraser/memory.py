@@ -7,6 +7,8 @@ tests and the CPU progress bar measure that; on CUDA the allocator's own peak is
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from contextlib import nullcontext
 from typing import Iterable
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+logger = logging.getLogger(__name__)
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -86,6 +90,27 @@ class MemoryMeter:
         if self._tracker is None:
             return torch.cuda.max_memory_allocated(self.device)
         return self._tracker.peak_bytes
+
+    @property
+    def reserved_bytes(self) -> int | None:
+        """CUDA: the caching allocator's reserved peak (what the card must hold); None on CPU."""
+        return torch.cuda.max_memory_reserved(self.device) if self._tracker is None else None
+
+
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> None:
+    """Use expandable segments unless the user configured the allocator: a training step allocates and frees
+    block-sized activations of changing sizes, which fragments fixed segments (reserved >> allocated).
+    Read when CUDA's allocator starts, so this must run before the first CUDA allocation."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        logger.info(
+            "CUDA already started: PYTORCH_CUDA_ALLOC_CONF=%s not applied", CUDA_ALLOC_CONF)
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
 
 
 def tensor_bytes(module_or_tensors: nn.Module | Iterable[torch.Tensor]) -> int:

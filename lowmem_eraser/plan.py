@@ -20,7 +20,6 @@ against the live-tensor peak of the same step run for real on the full-depth mod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -34,13 +33,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapter import attach_erasers
-from .config import EraserConfig, LossConfig, MemoryConfig, TrainConfig, VideoConfig
+from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
 from .memory import LiveTensorTracker, tensor_bytes
 from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings
-from .train import eraser_losses_backward
+from .stages import (  # noqa: F401 -- default_dtype is also used from here by bench/ and tests
+    ALLOCATOR_SLACK, default_dtype, CUDA_CONTEXT_BYTES, Stage, needed_bytes, text_encoder_config, text_stage, vae_bytes, vae_config,
+    vae_decode_peak,
+)
+from .train import eraser_losses_backward, velocity
 
 # The published transformer configs; everything else is CogVideoXTransformer3DModel's defaults
 # (text_embed_dim 4096, max_text_seq_length 226, in/out channels 16, patch 2, time_embed_dim 512).
@@ -50,8 +53,6 @@ PRESETS = {
         num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True
     ),
 }
-CUDA_CONTEXT_BYTES = 2**30  # CUDA context + cuBLAS workspace: outside max_memory_allocated, inside the card
-ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved-but-unused share on top of the allocated peak
 SIM_DEPTHS = (2, 3)  # from 2 blocks on, the peak sits in the last block's backward (1 block has no input grad)
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -140,11 +141,6 @@ class Prediction:
 
     def fits(self, budget: int) -> bool:
         return needed_bytes(self.peak) <= budget
-
-
-def needed_bytes(peak: int) -> int:
-    """Card memory a predicted allocated peak needs: allocator slack and the CUDA context on top."""
-    return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
 
 
 @dataclass
@@ -248,17 +244,6 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
     return tracker.peak_bytes, counter.flops
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules in `dtype`: `.to(dtype)` cannot convert fake parameters."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
-
-
 def build_transformer(config: dict, setting: Setting, dtype: torch.dtype, **overrides) -> nn.Module:
     """A frozen CogVideoX transformer with random weights, quantised and checkpointed as `setting` says."""
     from diffusers import CogVideoXTransformer3DModel
@@ -312,14 +297,18 @@ class Predictor:
     """
 
     def __init__(self, config: dict, video: VideoConfig, rank: int, loss: LossConfig,
-                 dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton"):
+                 dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton",
+                 text_config: dict | None = None, vae_config: dict | None = None):
         if int8_backend not in ("triton", "int8"):
             raise PlanError(f"int8_backend must be 'triton' or 'int8', got {int8_backend!r}")
         self.config, self.video, self.rank, self.loss, self.dtype = config, video, rank, loss, dtype
         self.int8_backend = int8_backend
+        self.text_config, self.vae_config = text_config, vae_config
         self.depth = config.get("num_layers", 30)
         self._steps: dict[tuple[str, bool, int, int], Prediction] = {}
         self._weights: dict[tuple[str, str], int] = {}
+        self._forwards: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self._cached: dict[tuple, object] = {}
 
     def simulate(self, setting: Setting, layers: int) -> Prediction:
         """One training step of a `layers`-block copy of the model on fake CPU tensors (weights not counted)."""
@@ -364,6 +353,174 @@ class Predictor:
         return self._weights[key]
 
 
+    def _memo(self, key: tuple, make):
+        if key not in self._cached:
+            self._cached[key] = make()
+        return self._cached[key]
+
+    def _int8_simulated(self, setting: Setting) -> str:
+        return "int8" if setting.quantize == "int8" and self.int8_backend == "int8" else "none"
+
+    def forward_peak(self, setting: Setting, batch: int) -> tuple[int, int]:
+        """(activation peak, input bytes) of one no-grad transformer forward at `batch` (a sampling step; with
+        classifier-free guidance the caller doubles the batch), extrapolated to the real depth like the step.
+        Adapters are attached but add nothing measurable to a no-grad pass."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        quantize = self._int8_simulated(setting)
+        peaks, inputs_bytes = {}, 0
+        for layers in (SIM_DEPTHS if self.depth > max(SIM_DEPTHS) else (self.depth,)):
+            key = (quantize, batch, layers)
+            if key not in self._forwards:
+                with FakeTensorMode():
+                    transformer = build_transformer(self.config, Setting(quantize, False), self.dtype, num_layers=layers)
+                    inputs = step_inputs(transformer, self.video, batch, self.dtype)
+                    with torch.no_grad(), LiveTensorTracker() as tracker:
+                        velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+                self._forwards[key] = (tracker.peak_bytes, inputs.nbytes)
+            peaks[layers], inputs_bytes = self._forwards[key]
+        low, high = SIM_DEPTHS
+        peak = peaks.get(self.depth) or peaks[low] + (self.depth - low) * (peaks[high] - peaks[low])
+        return peak, inputs_bytes
+
+    def _blocks_bytes(self, setting: Setting) -> int:
+        def make():
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode():
+                transformer = build_transformer(self.config, replace(setting, offload="none"), self.dtype, num_layers=1)
+                return self.depth * sum(aligned_bytes(t) for t in _unique(
+                    [*transformer.transformer_blocks[0].parameters(), *transformer.transformer_blocks[0].buffers()]))
+        return self._memo(("blocks", setting.quantize), make)
+
+    def process(self, setting: Setting, run: "RunSpec", budget: int) -> "ProcessPrediction":
+        """Every stage of `lowmem-eraser train` with this setting: text encoding (GPU or CPU), loading, x0
+        generation or trajectory sampling, the training step."""
+        step = self.predict(setting)
+        adapters = step.adapter_state // 3  # fp32 adapters; AdamW's two moments exist from the loop on
+        seq_len = self.config.get("max_text_seq_length", 226)
+        text_dim = self.config.get("text_embed_dim", 4096)
+        embeddings = (2 * run.prompts + 1) * seq_len * text_dim * self.dtype.itemsize  # kept on the CPU
+        host = self._blocks_bytes(setting) if setting.offload == "blocks" else 0
+        host += embeddings
+        text_on_gpu = self._memo(("text", run.prompts, True), lambda: text_stage(
+            self.text_config, run.prompts, seq_len, self.dtype, on_gpu=True))
+        on_gpu = run.text_encoder == "cuda" or (run.text_encoder == "auto" and 0 < text_on_gpu.needs <= budget)
+        stages = [text_on_gpu if on_gpu else self._memo(("text", run.prompts, False), lambda: text_stage(
+            self.text_config, run.prompts, seq_len, self.dtype, on_gpu=False))]
+        full = self.weights(Setting("none", False, "none"))
+        stages.append(Stage("loading the transformer", 0, full,
+                            "read in full precision on the CPU, then quantised and moved"))
+        cfg = 2 if run.cfg else 1
+        if run.sampling == "renoise":
+            peak, inputs = self.forward_peak(setting, cfg * run.sampling_batch)
+            stages.append(Stage("x0 generation", step.weights + adapters + peak + inputs, host,
+                                f"no-grad forward at batch {cfg * run.sampling_batch} (CFG)"))
+        else:
+            peak, inputs = self.forward_peak(setting, cfg * setting.batch)
+            stages.append(Stage("trajectory sampling", step.weights + 3 * adapters + peak + inputs, host,
+                                f"no-grad forward at batch {cfg * setting.batch} (CFG), in the loop"))
+        stages.append(Stage("training step", step.peak, host, "teacher + student passes, backward"))
+        return ProcessPrediction(step, stages, on_gpu)
+
+    def infer(self, budget: int) -> "InferPrediction":
+        """`lowmem-eraser infer` (bf16 weights, CFG batch 2): the fastest pipeline offload and VAE decode
+        that fit `budget`; sequential offload when nothing else does."""
+        seq_len = self.config.get("max_text_seq_length", 226)
+        text = self._memo(("text", 2, True), lambda: text_stage(self.text_config, 2, seq_len, self.dtype, True))
+        t5_weights = text.host
+        t5_act = text.gpu - t5_weights
+        transformer = self.weights(Setting("none", False, "none"))
+        peak, inputs = self.forward_peak(Setting("none", False), 2)
+        shape = (1, self.config.get("in_channels", 16), latent_frames(self.video.frames),
+                 self.video.height // 8, self.video.width // 8)
+        phases = [("text encoding", t5_weights, t5_act), ("denoising", transformer, peak + inputs)]
+        vae = self.vae_config
+        vae_w = self._memo(("vae",), lambda: vae_bytes(vae, self.dtype)) if vae is not None else 0
+        options = []
+        for tiled in (False, True):
+            if vae is None and tiled:
+                break
+            decode = self._memo(("decode", tiled), lambda: vae_decode_peak(vae, shape, self.dtype, tiled)) \
+                if vae is not None else 0
+            with_vae = phases + ([("VAE decode" + (" (tiled)" if tiled else ""), vae_w, decode)]
+                                 if vae is not None else [])
+            for offload in ("none", "model"):
+                resident = sum(w for _, w, _ in with_vae)
+                stages = [Stage(f"infer: {name}", (resident if offload == "none" else w) + act, 0)
+                          for name, w, act in with_vae]
+                options.append(InferPrediction(offload, tiled, stages))
+        options.sort(key=lambda o: (o.offload != "none", o.tiled))  # fastest first
+        for option in options:
+            if option.needs <= budget:
+                return option
+        # Sequential offload streams every sub-module's weights: about one transformer block on the GPU at a time.
+        block = self._blocks_bytes(Setting("none", False)) // self.depth
+        leanest = min(options, key=lambda o: o.needs)
+        phase_weights = [w for _, w, _ in phases] + [vae_w]
+        stages = [replace(stage, gpu=stage.gpu - w + block) for stage, w in zip(leanest.stages, phase_weights)]
+        return InferPrediction("sequential", leanest.tiled, stages)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a training process does besides the step (from the train config)."""
+
+    sampling: str = "renoise"  # renoise | trajectory
+    sampling_batch: int = 1  # sampling.batch_size (x0 generation)
+    cfg: bool = True  # sampling.guidance_scale > 1: the sampling forwards run at twice the batch
+    prompts: int = 8  # prompt pairs: text batches, embeddings kept on the CPU
+    text_encoder: str = "auto"  # memory.text_encoder
+
+    @classmethod
+    def of(cls, config: TrainConfig, prompts: int) -> "RunSpec":
+        return cls(config.sampling.mode, config.sampling.batch_size, config.sampling.guidance_scale > 1, prompts,
+                   config.memory.text_encoder)
+
+
+@dataclass
+class ProcessPrediction:
+    """Every stage of one training process; the process needs what its largest stage needs."""
+
+    step: Prediction
+    stages: list[Stage]
+    text_on_gpu: bool
+
+    @property
+    def setting(self) -> Setting:
+        return self.step.setting
+
+    @property
+    def gpu(self) -> int:
+        return max(stage.gpu for stage in self.stages)
+
+    @property
+    def needs(self) -> int:
+        return max(stage.needs for stage in self.stages)
+
+    @property
+    def host(self) -> int:
+        return max(stage.host for stage in self.stages)
+
+    def fits(self, budget: int) -> bool:
+        return self.needs <= budget
+
+    def over(self, budget: int) -> list[tuple[Stage, int]]:
+        """The stages that do not fit `budget`, with the bytes they need beyond it."""
+        return [(stage, stage.needs - budget) for stage in self.stages if stage.needs > budget]
+
+
+@dataclass
+class InferPrediction:
+    offload: str  # none | model | sequential: the pipeline's CPU offload
+    tiled: bool  # VAE tiling + slicing
+    stages: list[Stage]
+
+    @property
+    def needs(self) -> int:
+        return max(stage.needs for stage in self.stages)
+
+
 def _extrapolate(a: Prediction, b: Prediction, steps: int, setting: Setting) -> Prediction:
     """a + steps·(b − a), field by field."""
     fields = ("weights", "adapter_state", "inputs", "step_peak", "flops")
@@ -378,60 +535,105 @@ class Plan:
     rank: int
     loss: LossConfig
     budget: int
-    candidates: list[Prediction]
-    pick: Prediction | None
+    candidates: list[ProcessPrediction]
+    pick: ProcessPrediction | None
     seconds: float
+    run: RunSpec = RunSpec()
+    infer: InferPrediction | None = None
+
+
+@dataclass
+class ModelSpec:
+    """The configs the planner builds from: a preset's published ones, or a local folder's."""
+
+    name: str
+    transformer: dict
+    text_encoder: dict | None
+    vae: dict | None
+
+
+def model_spec(model: str | Path) -> ModelSpec:
+    config, name = transformer_config(model)
+    preset = str(model) in PRESETS
+    return ModelSpec(name, config, text_encoder_config(model, preset), vae_config(model, preset))
 
 
 def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
-              max_batch: int = 8) -> Plan:
-    """Predict every setting at batch 1, pick the fastest that fits, then see how far its batch can grow."""
+              max_batch: int = 8, run: RunSpec = RunSpec()) -> Plan:
+    """Predict every setting's whole process at batch 1, pick the fastest that fits, see how far its batch can
+    grow; and plan `infer` for the same budget."""
     began = time.perf_counter()
-    config, name = transformer_config(model)
-    predictor = Predictor(config, video, rank, loss)
-    candidates = [predictor.predict(setting) for setting in SETTINGS]
+    spec = model_spec(model)
+    predictor = Predictor(spec.transformer, video, rank, loss, text_config=spec.text_encoder, vae_config=spec.vae)
+    candidates = [predictor.process(setting, run, budget) for setting in SETTINGS]
     fitting = [c for c in candidates if c.fits(budget)]
     pick = min(fitting, key=lambda c: c.setting.speed_rank()) if fitting else None
     if pick is not None:
         batch = 2
         while batch <= max_batch:
-            grown = predictor.predict(replace(pick.setting, batch=batch))
+            grown = predictor.process(replace(pick.setting, batch=batch), run, budget)
             candidates.append(grown)
             if not grown.fits(budget):
                 break
             batch += 1
-    return Plan(name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began)
+    infer = predictor.infer(budget)
+    return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
 
 
 def format_plan(plan: Plan) -> str:
-    v = plan.video
+    v, run = plan.video, plan.run
     lines = [
         f"model {plan.model}, {v.frames}x{v.height}x{v.width}, rank {plan.rank}, alpha {plan.loss.alpha}, "
-        f"beta {plan.loss.beta}, bf16, budget {plan.budget / GiB:.1f} GiB",
-        f"fits: predicted peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + {CUDA_CONTEXT_BYTES / GiB:.1f} GiB "
-        "(CUDA context) <= budget",
+        f"beta {plan.loss.beta}, sampling {run.sampling}, {run.prompts} prompt pairs, text encoder "
+        f"{run.text_encoder}, bf16, budget {plan.budget / GiB:.1f} GiB",
+        f"needs = predicted allocated peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + "
+        f"{CUDA_CONTEXT_BYTES / GiB:.1f} GiB (CUDA context); a process fits when every stage's needs <= budget",
         "",
-        f"{'quantize':<8} {'ckpt':<4} {'offload':<7} {'batch':>5} {'weights':>8} {'step':>8} {'peak GiB':>9} "
-        f"{'needs GiB':>9} {'TFLOP/step':>10}  fits",
+        f"{'quantize':<8} {'ckpt':<4} {'offload':<7} {'batch':>5} {'weights':>8} {'step':>8} {'step peak':>9} "
+        f"{'T5 on':>5} {'process needs':>13} {'host RAM':>8} {'TFLOP/step':>10}  fits",
     ]
     for c in plan.candidates:
-        s = c.setting
+        s, step = c.setting, c.step
         mark = "  <- pick" if c is plan.pick else ""
         lines.append(
             f"{s.quantize:<8} {'on' if s.checkpointing else 'off':<4} {s.offload:<7} {s.batch:>5} "
-            f"{c.weights / GiB:>8.2f} {c.step_peak / GiB:>8.2f} {c.peak / GiB:>9.2f} "
-            f"{needed_bytes(c.peak) / GiB:>9.2f} {c.flops / 1e12:>10.1f}  "
+            f"{_gib(step.weights):>8} {_gib(step.step_peak):>8} {_gib(step.peak):>9} "
+            f"{'GPU' if c.text_on_gpu else 'CPU':>5} {_gib(c.needs):>13} {_gib(c.host):>8} {step.flops / 1e12:>10.1f}  "
             f"{'yes' if c.fits(plan.budget) else 'no'}{mark}"
         )
     lines.append("")
+    shown = plan.pick or min(plan.candidates[: len(SETTINGS)], key=lambda c: c.needs)
+    lines.append(f"stages of {'the pick' if plan.pick else 'the leanest setting'} ({shown.setting.label}), GiB:")
+    lines.append(f"  {'stage':<24} {'GPU peak':>8} {'needs':>8} {'host':>8}  detail")
+    for stage in shown.stages:
+        lines.append(f"  {stage.name:<24} {_gib(stage.gpu):>8} {_gib(stage.needs):>8} {_gib(stage.host):>8}  "
+                     f"{stage.detail}")
+    lines.append("  (host: tensor bytes; the Python process itself adds ~1-3 GiB of libraries and CUDA state)")
+    lines.append("")
     if plan.pick is None:
-        lines.append("nothing fits this budget: use a smaller video (--frames/--height/--width) or a larger GPU")
+        over = ", ".join(f"{stage.name} needs {_gib(stage.needs)} GiB ({_gib(extra)} GiB over)"
+                         for stage, extra in shown.over(plan.budget))
+        text_over = any(stage.name == "text encoding" for stage, _ in shown.over(plan.budget))
+        lines.append(f"nothing fits {plan.budget / GiB:.1f} GiB: with the leanest setting, {over}. Use "
+                     + ("memory.text_encoder: cpu, " if text_over else "")
+                     + "a smaller video (--frames/--height/--width) or a larger GPU")
     else:
         batches = [c.setting.batch for c in plan.candidates
                    if c.setting.label == plan.pick.setting.label and c.fits(plan.budget)]
-        lines.append(f"pick: {plan.pick.setting.label} (fastest that fits; batch up to {max(batches)} fits)")
+        lines.append(f"pick: {plan.pick.setting.label}, text encoder on the "
+                     f"{'GPU' if plan.pick.text_on_gpu else 'CPU'} (fastest that fits; batch up to {max(batches)} fits)")
+    if plan.infer is not None:
+        inf = plan.infer
+        stages = ", ".join(f"{st.name.removeprefix('infer: ')} {_gib(st.needs)}" for st in inf.stages)
+        verdict = "fits" if inf.needs <= plan.budget else "does not fit"
+        lines.append(f"infer: --offload {inf.offload}, VAE tiling {'on' if inf.tiled else 'off'} ({verdict}; "
+                     f"needs GiB: {stages})")
     lines.append(
-        f"planned in {plan.seconds:.1f} s: steps simulated under FakeTensorMode on {SIM_DEPTHS[0]}- and "
+        f"planned in {plan.seconds:.1f} s: steps and forwards simulated under FakeTensorMode on {SIM_DEPTHS[0]}- and "
         f"{SIM_DEPTHS[1]}-block copies and extrapolated to the full depth; offload modelled analytically "
         "(block weights -> 2 slots); batch > 2 extrapolated linearly"
     )
@@ -443,6 +645,7 @@ def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
     if plan.pick is None:
         raise PlanError("--config-out: nothing fits the budget, so there is no setting to write")
     s = plan.pick.setting
+    text_encoder = "cuda" if plan.pick.text_on_gpu else "cpu"
     preset = str(model) in PRESETS
     config = TrainConfig(
         model=Path(f"models/{plan.model.replace('cogvideox', 'CogVideoX')}") if preset else Path(model),
@@ -451,6 +654,7 @@ def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
         output_dir=Path(f"runs/{Path(plan.model).name}-nudity"),
         eraser=EraserConfig(rank=plan.rank),
         loss=plan.loss,
+        sampling=SamplingConfig(mode=plan.run.sampling, batch_size=plan.run.sampling_batch),
         video=plan.video,
         memory=MemoryConfig(
             quantize="auto" if s.quantize == "int8" else "none",
@@ -458,17 +662,42 @@ def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
             offload=s.offload,
             dtype="bfloat16",
             kernels="auto",
+            text_encoder=text_encoder,
         ),
     )
     header = [
-        f"# Written by `lowmem-eraser plan`: predicted peak {plan.pick.peak / GiB:.2f} GiB allocated "
-        f"(budget {plan.budget / GiB:.1f} GiB).",
+        f"# Written by `lowmem-eraser plan`: predicted process peak {plan.pick.gpu / GiB:.2f} GiB allocated, "
+        f"{plan.pick.needs / GiB:.2f} GiB needed (budget {plan.budget / GiB:.1f} GiB).",
         "# Edit prompts, concept and output_dir" + (" and point `model` at your local folder." if preset else "."),
     ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
+
+
+def plan_defaults(config_path: str | None) -> dict:
+    """The planned quantities, from a train YAML (read without checking that its files exist: planning happens
+    before the model is downloaded) or the built-in defaults (the published setting at 49x480x720, beta 0.5)."""
+    defaults = dict(model=None, frames=49, height=480, width=720, rank=128, alpha=1.0, beta=0.5,
+                    sampling="renoise", sampling_batch=1, cfg=True, prompts=8, text_encoder="auto")
+    if config_path is None:
+        return defaults
+    from .config import load_prompt_pairs
+
+    try:
+        config = TrainConfig.from_dict(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PlanError(f"--config: cannot read {config_path} ({exc})") from None
+    try:
+        prompts = len(load_prompt_pairs(config.prompts))
+    except LowmemEraserError:
+        prompts = defaults["prompts"]  # the prompt file is not here yet: plan the default count
+    v = config.video
+    return dict(model=str(config.model), frames=v.frames, height=v.height, width=v.width, rank=config.eraser.rank,
+                alpha=config.loss.alpha, beta=config.loss.beta, sampling=config.sampling.mode,
+                sampling_batch=config.sampling.batch_size, cfg=config.sampling.guidance_scale > 1, prompts=prompts,
+                text_encoder=config.memory.text_encoder)
 
 
 def check_rank(rank: int) -> int:

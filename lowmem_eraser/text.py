@@ -2,7 +2,7 @@
 
 The T5-XXL encoder alone is ~9.5 GB in bf16; the prompts of a run never change, so every target,
 preservation and empty prompt is encoded once (batched) and the encoder is dropped before the transformer
-is loaded. The cache is keyed by a hash of the encoder/tokenizer files, the prompts and the settings.
+is loaded. `memory.text_encoder` chooses the GPU or the CPU for that one pass. The cache is keyed by a hash of the encoder/tokenizer files, the prompts and the settings.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 
 from .localization import concept_token_mask
 from .serialization import atomic_write
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +69,28 @@ def _encode(model_dir: Path, prompts: list[str], concept: str, targets: int, max
     return torch.cat(chunks), concept_tokens
 
 
+def encoder_device(placement: str, device: torch.device, model_dir: Path, prompts: int, max_length: int,
+                   dtype: torch.dtype) -> torch.device:
+    """Where the encoder runs (`memory.text_encoder`): `cpu`, `cuda` (the training device), or `auto`: the
+    training device when its free memory holds the encoder and one batch's activations (predicted as
+    `lowmem-eraser plan` does, allocator slack included), else the CPU. T5-XXL alone is ~9 GiB in bf16: on an
+    8 GB card it would end the run before training starts; on the CPU it runs once and is cached."""
+    if device.type != "cuda" or placement == "cpu":
+        return torch.device("cpu")
+    if placement == "cuda":
+        return device
+    from .stages import ALLOCATOR_SLACK, text_encoder_config, text_stage
+
+    config = text_encoder_config(model_dir, preset=False)
+    stage = text_stage(config, prompts, max_length, dtype, on_gpu=True)
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = int(stage.gpu * (1 + ALLOCATOR_SLACK))
+    chosen = device if config is not None and needed <= free else torch.device("cpu")
+    logger.info("memory.text_encoder auto: the encoder needs %.2f GiB, %.2f GiB free on %s: encoding on the %s",
+                needed / 2**30, free / 2**30, device, chosen.type.upper())
+    return chosen
+
+
 def encode_prompts(
     model_dir: str | Path,
     pairs: list[tuple[str, str]],
@@ -75,12 +100,15 @@ def encode_prompts(
     device: torch.device,
     cache_dir: str | Path,
     batch_size: int = 8,
+    placement: str = "auto",
 ) -> PromptEmbeddings:
-    """Embeddings of every target, preservation and empty prompt (on CPU), from the cache or freshly encoded."""
+    """Embeddings of every target, preservation and empty prompt (on CPU), from the cache or freshly encoded
+    on the device `placement` chooses (see `encoder_device`)."""
     model_dir = Path(model_dir)
     cache = Path(cache_dir) / f"text-{cache_key(model_dir, pairs, concept, max_length, dtype)}.pt"
     if cache.is_file():
         return PromptEmbeddings(**torch.load(cache, weights_only=True))
+    device = encoder_device(placement, torch.device(device), model_dir, 2 * len(pairs) + 1, max_length, dtype)
     targets = [target for target, _ in pairs]
     prompts = targets + [preserve for _, preserve in pairs] + [""]
     embeddings, concept_tokens = _encode(model_dir, prompts, concept, len(targets), max_length, dtype, device, batch_size)

@@ -27,7 +27,7 @@ from .adapter import attach_erasers, erasers_disabled
 from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
 from .errors import LowmemEraserError
 from .localization import ConceptMaskCapture
-from .memory import MemoryMeter
+from .memory import MemoryMeter, configure_cuda_allocator
 from .offload import BlockOffloader
 from .quantize import quantize_base, resolve_backend
 from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
@@ -193,6 +193,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train an eraser as configured; returns the output folder (published eraser format + sidecar)."""
     validate(config)
+    configure_cuda_allocator()  # before anything touches CUDA
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.memory.dtype]
     loss_cfg, loop, video = config.loss, config.train, config.video
@@ -206,7 +207,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     from diffusers import CogVideoXTransformer3DModel
 
     max_length = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["max_text_seq_length"]
-    text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache")
+    text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache",
+                          placement=config.memory.text_encoder)
     if loss_cfg.alpha > 0 and not text.concept_tokens.any(dim=1).all():
         missing = int((~text.concept_tokens.any(dim=1)).sum())
         tqdm.write(f"note: the concept {config.concept!r} has no tokens in {missing} of {len(pairs)} target prompts")
@@ -289,6 +291,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     "pre": pre.item(), "lr": lr, "grad_norm": grad_norm.item(),
                     "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
                 }
+                if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
+                    row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
                 if step % loop.log_every == 0 or step == loop.steps - 1:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()

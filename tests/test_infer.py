@@ -95,3 +95,25 @@ def test_infer_refuses_an_eraser_for_another_model(vae_model, tmp_path, capsys):
     args[args.index("--eraser") + 1] = str(save_erasers_path)
     assert cli_main(args) == 2
     assert "has dim 48, the model's attention dim is 32" in capsys.readouterr().err
+
+
+def test_vae_tiling_switch(vae_model):
+    from lowmem_eraser.infer import load_pipeline, vae_tiling
+
+    pipe = load_pipeline(vae_model / "model")
+    assert vae_tiling(pipe, "on", 9, 64, 64) and pipe.vae.use_tiling and pipe.vae.use_slicing
+    assert not vae_tiling(pipe, "off", 9, 64, 64) and not pipe.vae.use_tiling
+    assert not vae_tiling(pipe, "auto", 9, 64, 64)  # CPU: host RAM, nothing to plan against
+    with pytest.raises(LowmemEraserError, match="--vae-tiling"):
+        vae_tiling(pipe, "sometimes", 9, 64, 64)
+
+
+def test_plain_and_tiled_decode_peaks_are_simulated_from_the_vae_config():
+    """The full-size CogVideoX VAE (its defaults) at 49x480x720: the plain decode is what overflows 8-16 GB cards."""
+    from lowmem_eraser.stages import vae_decode_peak
+
+    shape = (1, 16, 13, 60, 90)
+    plain = vae_decode_peak({}, shape, torch.bfloat16, tiled=False)
+    tiled = vae_decode_peak({}, shape, torch.bfloat16, tiled=True)
+    print(f"decode peak: plain {plain / 2**30:.2f} GiB, tiled {tiled / 2**30:.2f} GiB")
+    assert 8 * 2**30 < plain < 24 * 2**30 and tiled < plain / 2

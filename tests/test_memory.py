@@ -70,3 +70,17 @@ def test_gradient_checkpointing_cuts_saved_activations_below_035x():
     assert checkpointed <= 0.35 * full
     for grad, reference in zip(checkpointed_grads, full_grads):
         torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    import os
+
+    from lowmem_eraser.memory import CUDA_ALLOC_CONF, configure_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    configure_cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOC_CONF == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    configure_cuda_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -15,6 +15,8 @@ from lowmem_eraser.plan import (
     PlanError,
     Prediction,
     Predictor,
+    ProcessPrediction,
+    RunSpec,
     Setting,
     build_transformer,
     check_video,
@@ -25,7 +27,9 @@ from lowmem_eraser.plan import (
     transformer_config,
     write_config,
 )
-from lowmem_eraser.train import eraser_losses_backward
+from lowmem_eraser.stages import Stage, text_encoding_peak
+from lowmem_eraser.train import eraser_losses_backward, velocity
+from lowmem_eraser.memory import LiveTensorTracker
 
 # 4 blocks of dim 256, 3 latent frames of 8x8 patches + 16 text tokens = 208 tokens: deeper than the
 # simulated 2- and 3-block copies, so the depth extrapolation is part of what is checked.
@@ -112,13 +116,14 @@ def test_a_model_folder_is_read_and_written_into_the_config(tmp_path):
     config = {"_class_name": "CogVideoXTransformer3DModel", **TINY_COGVIDEOX}
     (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps(config))
     assert transformer_config(tmp_path / "model") == (TINY_COGVIDEOX, str(tmp_path / "model"))
-    pick = Prediction(Setting("int8", True, "blocks"), 1, 1, 1, 1, 1)
+    step = Prediction(Setting("int8", True, "blocks"), 1, 1, 1, 1, 1)
+    pick = ProcessPrediction(step, [Stage("training step", 4, 0)], text_on_gpu=False)
     plan = Plan(str(tmp_path / "model"), check_video(9, 64, 64), 8, LOSS, 2**30, [pick], pick, 0.0)
     path = write_config(plan, tmp_path / "model", tmp_path / "c.yaml")
     written = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
     assert written.model == tmp_path / "model"
-    assert (written.memory.quantize, written.memory.gradient_checkpointing, written.memory.offload) == (
-        "auto", True, "blocks")
+    assert (written.memory.quantize, written.memory.gradient_checkpointing, written.memory.offload,
+            written.memory.text_encoder) == ("auto", True, "blocks", "cpu")
     config["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(PlanError, match="--model"):
@@ -151,3 +156,75 @@ def test_parse_size_uses_binary_units():
 def test_presets_are_the_published_configs():
     assert PRESETS["cogvideox-2b"]["num_layers"] == 30 and PRESETS["cogvideox-5b"]["num_layers"] == 42
     assert PRESETS["cogvideox-5b"]["use_rotary_positional_embeddings"]
+
+
+def test_sampling_forward_prediction_matches_the_measured_no_grad_forward():
+    """x0 generation / trajectory / infer run no-grad forwards: predicted (2- and 3-block fake copies,
+    extrapolated to 4 blocks) vs the live-tensor peak of the real forward of the 4-block model."""
+    video = check_video(9, 128, 128)
+    predictor = Predictor(SMALL_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32, int8_backend="int8")
+    for setting, batch in ((Setting("none", False), 2), (Setting("int8", True), 1)):
+        predicted, inputs_bytes = predictor.forward_peak(setting, batch)
+        torch.manual_seed(0)
+        transformer = build_transformer(SMALL_COGVIDEOX, setting, torch.float32)
+        inputs = step_inputs(transformer, video, batch, torch.float32)
+        with torch.no_grad(), LiveTensorTracker() as tracker:
+            velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+        print(f"{setting.label} batch {batch}: predicted {predicted} B, measured {tracker.peak_bytes} B")
+        assert abs(predicted / tracker.peak_bytes - 1) <= 0.05
+        assert inputs_bytes == inputs.nbytes
+
+
+def test_text_encoding_prediction_matches_the_measured_encoder_forward():
+    from transformers import T5Config, T5EncoderModel
+
+    config = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=5, vocab_size=100,
+                  feed_forward_proj="gated-gelu")
+    predicted = text_encoding_peak(config, batch=3, seq_len=40, dtype=torch.float32)
+    encoder = T5EncoderModel(T5Config(**config, is_encoder_decoder=False, use_cache=False)).eval()
+    with torch.no_grad(), LiveTensorTracker() as tracker:
+        encoder(input_ids=torch.zeros(3, 40, dtype=torch.long))
+    print(f"T5 encode: predicted {predicted} B, measured {tracker.peak_bytes} B")
+    assert abs(predicted / tracker.peak_bytes - 1) <= 0.05
+
+
+def test_the_process_is_planned_stage_by_stage_and_the_text_encoder_moves_to_the_cpu_when_it_must():
+    """Full-size CogVideoX-2b with T5-XXL at a small video: at 24 GiB the encoder goes on the GPU and its
+    ~9 GiB are the process peak; at 6 GiB it goes on the CPU and the training step is the peak."""
+    video = check_video(9, 64, 96)
+    from lowmem_eraser.stages import T5_XXL
+
+    predictor = Predictor(PRESETS["cogvideox-2b"], video, rank=16, loss=LOSS, text_config=T5_XXL, vae_config={})
+    setting = Setting("int8", True)
+    big = predictor.process(setting, RunSpec(), 24 * 2**30)
+    names = [stage.name for stage in big.stages]
+    assert names == ["text encoding", "loading the transformer", "x0 generation", "training step"]
+    assert big.text_on_gpu and big.gpu == big.stages[0].gpu > 8.8 * 2**30  # the T5-XXL weights
+    small = predictor.process(setting, RunSpec(), 6 * 2**30)
+    assert not small.text_on_gpu and small.stages[0].gpu == 0 and small.stages[0].host > 8.8 * 2**30
+    assert small.gpu == small.stages[-1].gpu == small.step.peak and small.fits(6 * 2**30)
+    forced = predictor.process(setting, RunSpec(text_encoder="cuda"), 6 * 2**30)
+    assert not forced.fits(6 * 2**30)
+    [(stage, extra)] = forced.over(6 * 2**30)
+    assert stage.name == "text encoding" and extra == stage.needs - 6 * 2**30 > 0
+    trajectory = predictor.process(setting, RunSpec(sampling="trajectory"), 6 * 2**30)
+    assert trajectory.stages[2].name == "trajectory sampling"
+    assert trajectory.stages[2].gpu > small.stages[2].gpu  # AdamW moments exist inside the loop
+
+
+def test_plan_names_the_stage_that_does_not_fit_and_by_how_much(capsys):
+    args = ["plan", "--model", "cogvideox-2b", "--frames", "9", "--height", "64", "--width", "96", "--rank", "16",
+            "--budget", "1GB"]
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "nothing fits 1.0 GiB" in text and "training step needs" in text and "GiB over" in text
+    assert "stages of the leanest setting" in text
+
+
+def test_plan_reads_a_train_config(capsys):
+    args = ["plan", "--config", "configs/cogvideox-5b.yaml", "--model", "cogvideox-5b", "--frames", "9",
+            "--height", "64", "--width", "96", "--budget", "24GB"]
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "rank 128, alpha 1.0, beta 0.0" in text and "10 prompt pairs" in text  # from the YAML
+    assert "infer: --offload" in text
