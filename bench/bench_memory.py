@@ -10,11 +10,16 @@ Modes (cumulative after `shared`), all on the same model config and the same (x_
 Peak memory: CUDA `max_memory_allocated`/`max_memory_reserved` (everything on the device); CPU: the bytes the
 device would hold (weights, adapters and AdamW moments, inputs) plus the LiveTensorTracker peak of the step.
 FLOPs: FlopCounterMode's formulas via `plan.FlopCounter`, counted in the same pass (FlopCounterMode itself
-keeps activations alive and defeats checkpointing). `predicted` is `lowmem-eraser plan`'s prediction.
+keeps activations alive and defeats checkpointing). `predicted` is `lowmem-eraser plan`'s prediction; the
+reference's is simulated the same way (`_predicted_reference`). On CUDA a mode whose predicted peak exceeds what it
+may use (ours: the cap; the reference: the whole device) is skipped with its prediction shown: it would only OOM,
+minutes later. CUDA also reports achieved model TFLOP/s (the step's FLOPs
+without checkpoint recomputation / s/step) as a share of the device's measured bf16 matmul rate.
 
 CPU: `pytest bench/bench_memory.py` (a small CogVideoX, ~1 minute on 2 cores). CUDA: bench/gpu_check.sh, which
 sets LOWMEM_BENCH_MODEL (cogvideox-2b / cogvideox-5b), LOWMEM_BENCH_CAP_GB and LOWMEM_BENCH_ROUNDS.
-Writes bench/results/memory.md and memory.png (CUDA: memory_gpu_<model>.md/.png).
+Writes bench/results/memory.md and memory.png (CUDA: memory_gpu_<model>.md/.png); the table is rewritten after
+every mode, so a run stopped by its time limit keeps the rows done so far.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from lowmem_eraser.memory import LiveTensorTracker, tensor_bytes
 from lowmem_eraser.offload import BlockOffloader
 from lowmem_eraser.plan import (
     PRESETS,
+    SIM_DEPTHS,
     FlopCounter,
     Predictor,
     Setting,
+    _fake_erasers,
     build_transformer,
     check_video,
     step_inputs,
@@ -146,6 +153,8 @@ def _build(mode: Mode):
 @pytest.fixture(scope="module")
 def inputs():
     """One set of (x_t, t, prompts) for every mode."""
+    if CUDA:
+        _matmul_tflops()  # on the idle device, before any mode
     torch.manual_seed(0)
     with torch.device("meta"):
         shape_only = build_transformer(CONFIG, Setting("none", False), DTYPE, num_layers=1)
@@ -162,6 +171,30 @@ def _predictor() -> Predictor:
     runs here); CUDA: the Triton path, whose int8 step equals bf16's (the +int8..+offload rows, which run the
     PyTorch path, also dequantise one weight transiently: <= 2 x 75 MB more on 5b)."""
     return Predictor(CONFIG, VIDEO, RANK, LOSS, DTYPE, int8_backend="triton" if CUDA else "int8")
+
+
+@functools.cache
+def _predicted_reference(encoder_bytes: int) -> int:
+    """The reference recipe's peak, predicted the way the planner predicts ours (plan.Predictor): its step run on
+    fake CPU tensors at 2 and 3 blocks and extrapolated to the real depth, plus two transformers' weights, the
+    text encoder, the adapters with AdamW's moments and the inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    setting, steps = Setting("none", False), []
+    for layers in SIM_DEPTHS:
+        with FakeTensorMode() as mode:
+            original = build_transformer(CONFIG, setting, DTYPE, num_layers=layers)
+            student = build_transformer(CONFIG, setting, DTYPE, num_layers=layers)
+        erasers = _fake_erasers(student, RANK, mode)
+        erasers.kernels = "torch"  # the Triton kernels cannot run on fake tensors
+        with mode:
+            made = step_inputs(original, VIDEO, batch=1, dtype=DTYPE)
+            with LiveTensorTracker() as tracker:
+                reference_losses_backward(original, student, erasers, made, LOSS)
+        steps.append(tracker.peak_bytes + 3 * tensor_bytes(erasers))
+    depth = CONFIG.get("num_layers", 30)
+    step = steps[0] + (depth - SIM_DEPTHS[0]) * (steps[1] - steps[0])
+    return step + made.nbytes + 2 * _predictor().weights(setting) + encoder_bytes
 
 
 def _predicted(mode: Mode) -> int | None:
@@ -188,17 +221,38 @@ def _measure(step, resident: int) -> dict:
     return {"peak": resident + tracker.peak_bytes, "reserved": None, "flops": counter.flops}
 
 
+@functools.cache
+def _matmul_tflops() -> float:
+    """The device's bf16 matmul rate, measured once (8192^3, median of triton.testing.do_bench): the ceiling
+    that achieved FLOP/s is compared with."""
+    import triton.testing
+
+    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=300, return_mode="median")
+    return 2 * 8192**3 / ms / 1e9
+
+
 @pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])
 def test_mode(mode, inputs, benchmark, tmp_path_factory):
     if mode.kernels == "triton" and not CUDA:
         pytest.skip("+kernels needs CUDA; on CPU it would equal +offload (PyTorch kernels)")
+    if CUDA:  # a mode whose predicted peak exceeds what it may use would only OOM, minutes later: show the prediction
+        reference = mode.name == "reference"  # its stand-in T5's size is known before building
+        predicted = _predicted_reference(T5_XXL_ENCODER_PARAMS * 2) if reference else _predicted(mode)
+        available = torch.cuda.get_device_properties(0).total_memory if reference else CAP_BYTES
+        if predicted > available:
+            limit = "device" if reference else "cap"
+            why = f"predicted peak {predicted / GiB:.1f} GiB > {limit} {available / GiB:.1f} GiB"
+            ROWS[mode.name] = {"skipped": why, "predicted": predicted}
+            _write_table()
+            pytest.skip(f"{mode.name}: {why}")
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
         fraction = 1.0 if mode.name == "reference" else CAP_BYTES / torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(fraction, 1.0))
     torch.manual_seed(0)
-    extra, extra_bytes, offloader = [], 0, None
+    extra, encoder_bytes, offloader = [], 0, None
     try:
         if mode.name == "reference":
             original, weights, _ = _build(mode)
@@ -220,20 +274,27 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        def timed_step():
+            step()
+            if CUDA:
+                torch.cuda.synchronize()  # time the GPU's work, not the queuing of it
+
         resident = weights + 3 * tensor_bytes(erasers) + inputs.nbytes  # + AdamW's two moments
         row = _measure(step, resident)
-        benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-        if CUDA:
-            torch.cuda.synchronize()
+        benchmark.pedantic(timed_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
         row["seconds"] = statistics.median(benchmark.stats.stats.data)
     except torch.cuda.OutOfMemoryError:
         row = {"peak": None, "reserved": None, "flops": None, "seconds": None, "oom": True}
     finally:
         if offloader is not None:
             offloader.detach()
-    row["predicted"] = _predicted(mode)
+    if mode.name == "reference":
+        row["predicted"] = _predicted_reference(T5_XXL_ENCODER_PARAMS * 2 if CUDA else encoder_bytes)
+    else:
+        row["predicted"] = _predicted(mode)
     ROWS[mode.name] = row
-    print(f"\n{mode.name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)  # survives a timeout
+    print(f"\n{mode.name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    _write_table()  # survives a timeout of a later mode
 
 
 def _ratio(row, key):
@@ -241,50 +302,77 @@ def _ratio(row, key):
     return f"{row[key] / ref:.3f}x" if row.get(key) and ref else "-"
 
 
-def test_write_results():
-    """The table and the plot (the only thing this benchmark asserts)."""
-    threads = torch.get_num_threads()
-    machine = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores, {threads} thread(s))"
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+def _machine() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"
+
+
+def _table_path(ext: str) -> Path:
+    return RESULTS / (f"memory_gpu_{MODEL}.{ext}" if CUDA else f"memory.{ext}")
+
+
+def _write_table() -> None:
     v = VIDEO
     cap = f", ours capped at {CAP_BYTES / GiB:.0f} GiB (reference uncapped)" if CUDA else ""
+    # Model FLOPs: the step without checkpoint recomputation, as the planner counts it (the same passes in every
+    # mode), so that recomputation shows up as lower achieved throughput rather than as useful work.
+    model_flops = _predictor().predict(Setting("none", False)).flops
+    peak_tflops = _matmul_tflops() if CUDA else None
     lines = [
         f"# Training-step memory: {MODEL}, {v.frames}x{v.height}x{v.width}, batch 1, rank {RANK}, "
         f"alpha {LOSS.alpha}, beta {LOSS.beta}, {str(DTYPE).removeprefix('torch.')}",
         "",
-        f"Machine: {machine}, torch {torch.__version__}{cap}. Step time: median of {ROUNDS} steps after a warm-up.",
-        "Peak: " + ("max_memory_allocated (reserved in brackets)." if CUDA else
+        f"Machine: {_machine()}, torch {torch.__version__}{cap}. "
+        f"Step time: median of {ROUNDS} step(s) after a warm-up.",
+        "Peak: " + ("max_memory_allocated and max_memory_reserved." if CUDA else
                     "device-resident bytes (weights, adapters + AdamW moments, inputs) + LiveTensorTracker peak."),
+        f"Model TFLOP/s: {model_flops / 1e9:,.1f} GFLOP (the step without checkpoint recomputation) / s/step"
+        + (f"; bf16 peak: an 8192^3 bf16 matmul measured here at {peak_tflops:.0f} TFLOP/s." if CUDA else "."),
         "",
-        "| mode | peak MiB | vs reference | predicted (plan) MiB | s/step | vs reference | GFLOP/step | vs reference |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | peak MiB | reserved MiB | predicted (plan) MiB | peak vs reference | s/step | vs reference | "
+        "GFLOP/step (run) | model TFLOP/s | of bf16 peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         row = ROWS.get(mode.name)
         if row is None:
-            lines.append(f"| {mode.name} | skipped (CUDA only; equals +offload on CPU) | | | | | | |")
-            continue
-        if row.get("oom"):
-            lines.append(f"| {mode.name} | OOM | | | | | | |")
-            continue
-        peak = f"{row['peak'] / 2**20:,.1f}" + (f" ({row['reserved'] / 2**20:,.0f})" if row["reserved"] else "")
-        predicted = "-" if row["predicted"] is None else f"{row['predicted'] / 2**20:,.1f}"
-        lines.append(
-            f"| {mode.name} | {peak} | {_ratio(row, 'peak')} | {predicted} | {row['seconds']:.3f} | "
-            f"{_ratio(row, 'seconds')} | {row['flops'] / 1e9:,.1f} | {_ratio(row, 'flops')} |"
-        )
+            why = "skipped (CUDA only; equals +offload on CPU)" if mode.kernels == "triton" and not CUDA else "not run"
+            lines.append(f"| {mode.name} | {why} | | | | | | | | |")
+        elif row.get("skipped") or row.get("oom"):
+            why = f"skipped: {row['skipped']}" if row.get("skipped") else "OOM"
+            lines.append(f"| {mode.name} | {why} | | {_mib(row['predicted'])} | | | | | | |")
+        else:
+            tflops = model_flops / row["seconds"] / 1e12
+            share = f"{tflops / peak_tflops:.1%}" if peak_tflops else "-"
+            lines.append(
+                f"| {mode.name} | {_mib(row['peak'])} | {_mib(row['reserved'])} | {_mib(row['predicted'])} | "
+                f"{_ratio(row, 'peak')} | {row['seconds']:.3f} | {_ratio(row, 'seconds')} | "
+                f"{row['flops'] / 1e9:,.1f} | {tflops:.3g} | {share} |"
+            )
     default, reference = ROWS.get(DEFAULT_MODE, {}), ROWS.get("reference", {})
-    if default.get("peak") and reference.get("peak"):
-        ratio = default["peak"] / reference["peak"]
+    against, what = reference.get("peak"), "the reference's peak"
+    if against is None and reference.get("predicted"):  # skipped or OOM
+        against, what = reference["predicted"], "the reference's predicted peak"
+    if default.get("peak") and against:
+        ratio = default["peak"] / against
         verdict = "meets" if ratio <= 0.25 else "MISSES"
-        lines += ["", f"Default config ({DEFAULT_MODE}: int8, checkpointing, no offload): {ratio:.3f}x the "
-                  f"reference's peak: {verdict} the <= 0.25x target."]
-    suffix = f"_gpu_{MODEL}" if CUDA else ""
+        lines += ["", f"Default config ({DEFAULT_MODE}: int8, checkpointing, no offload): {ratio:.3f}x {what}: "
+                  f"{verdict} the <= 0.25x target."]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    table = RESULTS / f"memory{suffix}.md"
-    table.write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
-    _plot(RESULTS / f"memory{suffix}.png", machine)
-    assert table.stat().st_size > 0
+    _table_path("md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines), flush=True)
+
+
+def test_write_results():
+    """The table and the plot (the only thing this benchmark asserts)."""
+    _write_table()
+    _plot(_table_path("png"), _machine())
+    assert _table_path("md").stat().st_size > 0
 
 
 def _plot(path: Path, machine: str) -> None:
@@ -294,11 +382,18 @@ def _plot(path: Path, machine: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [m.name for m in MODES if ROWS.get(m.name, {}).get("peak")]
-    metrics = [("peak", "peak memory"), ("seconds", "step time"), ("flops", "FLOPs")]
+    reference = dict(ROWS.get("reference", {}))
+    if reference.get("peak") is None:  # skipped or OOM: memory against its predicted peak, nothing else
+        reference["peak"] = reference.get("predicted")
+    metrics = [(k, label) for k, label in [("peak", "peak memory"), ("seconds", "step time"), ("flops", "FLOPs")]
+               if reference.get(k)]
+    if not metrics:
+        print(f"no plot: the reference was neither measured nor predicted ({path})")
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(metrics)
     for i, (key, label) in enumerate(metrics):
-        ratios = [ROWS[n][key] / ROWS["reference"][key] if "reference" in ROWS else 1.0 for n in names]
+        ratios = [ROWS[n][key] / reference[key] for n in names]
         ax.bar([x + i * width for x in range(len(names))], ratios, width, label=label)
     ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="0.25x target (memory)")
     ax.set_xticks([x + width for x in range(len(names))], names)
