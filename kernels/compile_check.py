@@ -9,7 +9,7 @@ compiled are exactly the ones they make; each is specialised the way Triton's JI
 kernel and architecture: shared memory (and its margin to the per-block limit) and, from ``ptxas -v``,
 registers and spill bytes.
 
-    python -m lowmem_eraser.kernels.compile_check [--arch 80 86 89 90] [--json out.json]
+    python -m lowmem_eraser.kernels.compile_check [--arch 80 86 89 90] [--json out.json] [--markdown out.md]
 
 Needs TRITON_INTERPRET unset (under the interpreter `triton.jit` returns functions that cannot be compiled).
 """
@@ -17,6 +17,7 @@ Needs TRITON_INTERPRET unset (under the interpreter `triton.jit` returns functio
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,7 +40,9 @@ NUM_SMS = {80: 108, 86: 82, 89: 128, 90: 132}  # A100, RTX 3090, RTX 4090, H100:
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DIMS = (1920, 3072, 5120)  # CogVideoX-2b, CogVideoX-5b / HunyuanVideo, Wan2.1-14B
 RANKS = (64, 128)
-TOKENS = (17_776, 60_000)  # 49x480x720 CogVideoX; a long Wan/Hunyuan clip
+# 49x480x720 CogVideoX: 17,550 video tokens per sample (not a multiple of 16: Triton specialises it differently),
+# 17,776 with the text; a long Wan/Hunyuan clip; an odd count.
+TOKENS = (17_550, 17_776, 60_000, 1_001)
 CONDITIONING_DIM = 512  # CogVideoX's time embedding: the AdaLN linears (512 -> 6 dim) run on [batch, 512]
 
 
@@ -85,12 +88,12 @@ def int8_linear_launches(target: Target) -> list[Launch]:
         for dim in DIMS:
             shapes = [(tokens, k, n) for tokens in TOKENS for k, n in ((dim, dim), (dim, 4 * dim), (4 * dim, dim))]
             shapes += [(batch, CONDITIONING_DIM, 6 * dim) for batch in (1, 2)]
-            for tokens, k, n in shapes:
+            for (tokens, k, n), has_bias in itertools.product(shapes, (True, False)):
                 with recording_launches(target) as recorded:
                     x = torch.empty(tokens, k, device="meta", dtype=dtype, requires_grad=True)
                     qweight = torch.empty(n, k, device="meta", dtype=torch.int8)
                     scale = torch.empty(n, device="meta")
-                    bias = torch.empty(n, device="meta", dtype=dtype)
+                    bias = torch.empty(n, device="meta", dtype=dtype) if has_bias else None
                     out = int8_linear(x, qweight, scale, bias)
                     torch.autograd.grad(out, x, torch.empty_like(out))
                 launches += recorded
@@ -121,20 +124,21 @@ def source(launch: Launch):
     return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), dict(launch.options), key
 
 
-def _ptxas_usage(ptx: str) -> tuple[int | None, int | None]:
-    """(registers per thread, spill store + load bytes) from ``ptxas -v`` on Triton's PTX."""
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers per thread, spill store + load bytes) from ``ptxas -v`` on Triton's PTX, with the ptxas
+    Triton itself picks for the architecture (its PTX version may be newer than the default ptxas knows)."""
     try:
-        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas
 
-        ptxas = knobs.nvidia.ptxas.path
+        ptxas = get_ptxas(arch).path
     except Exception:  # noqa: BLE001 -- no ptxas: usage is simply not reported
         return None, None
-    arch = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as file:
             file.write(ptx)
-        done = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(folder, "kernel.cubin")],
+        done = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(folder, "kernel.cubin")],
                               capture_output=True, text=True)
     report = done.stdout + done.stderr
     registers = re.search(r"Used (\d+) registers", report)
@@ -158,7 +162,7 @@ def compile_for(launch_source, arch: int) -> Compiled:
         message = " ".join(str(root).split())[-300:]  # the cause is at the end
         return Compiled(key[0], arch, constexprs, opts, 0, SHARED_MEMORY[arch], None, None,
                         f"{type(root).__name__}: {message}")
-    registers, spills = _ptxas_usage(compiled.asm["ptx"])
+    registers, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     return Compiled(key[0], arch, constexprs, opts, compiled.metadata.shared, SHARED_MEMORY[arch], registers, spills)
 
 
@@ -202,11 +206,51 @@ def table(results: list[Compiled]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[Compiled]) -> str:
+    """Worst case per kernel and architecture: shared memory and its margin, registers, spills."""
+    archs = sorted({r.arch for r in results})
+    lines = ["| kernel (launch configs) | " + " | ".join(f"sm_{a}" for a in archs) + " |",
+             "|---|" + "---|" * len(archs)]
+    for kernel in sorted({r.kernel for r in results}):
+        cells = []
+        for arch in archs:
+            rows = [r for r in results if r.kernel == kernel and r.arch == arch]
+            cells.append(f"{max(r.shared for r in rows) / 1024:.0f} KiB, margin ≥ {min(r.margin for r in rows) / 1024:.0f}; "
+                         f"≤ {max(r.registers or 0 for r in rows)} regs; spill ≤ {max(r.spill_bytes or 0 for r in rows)} B")
+        count = len([r for r in results if r.kernel == kernel and r.arch == archs[0]])
+        lines.append(f"| `{kernel}` ({count}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: list[Compiled], seconds: float) -> str:
+    import triton
+
+    return f"""# Triton kernels compiled for GPU targets on a CPU (triton {triton.__version__})
+
+`python -m lowmem_eraser.kernels.compile_check --markdown FILE` (also run by tests/test_kernel_compile.py in CI):
+every launch the host wrappers make for dims {'/'.join(map(str, DIMS))}, ranks {'/'.join(map(str, RANKS))}, \
+{', '.join(f'{t:,}' for t in TOKENS)} tokens, bf16/fp16/fp32, forward and backward, residual on and off, and every
+block linear (d->d, d->4d, 4d->d, AdaLN 512->6d; bias on and off), compiled with `triton.compile` for each
+architecture ({len(results)} compilations in {seconds:.0f} s). Shared memory from the compiled kernel; registers and
+spills from `ptxas -v` (the ptxas Triton picks for the architecture). Per-block limits: sm_80 163 KiB, sm_86/sm_89
+99 KiB, sm_90 227 KiB; required margin {SHARED_MEMORY_MARGIN // 1024} KiB.
+
+## Worst case per kernel
+
+{summary(results)}
+
+## Every launch configuration
+
+{table(results)}
+"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowmem_eraser.kernels.compile_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--markdown", help="also write the summary and the table here")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     began = time.perf_counter()
@@ -215,6 +259,9 @@ def main(argv=None) -> int:
     failed = [r for r in results if r.error or r.margin < SHARED_MEMORY_MARGIN]
     print(f"\n{len(results)} compilations in {time.perf_counter() - began:.0f} s; {len(failed)} failed or within "
           f"{SHARED_MEMORY_MARGIN // 1024} KiB of the shared-memory limit")
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(markdown(results, time.perf_counter() - began))
     if args.json:
         with open(args.json, "w") as file:
             json.dump([{**asdict(r), "margin": r.margin} for r in results], file, indent=1)

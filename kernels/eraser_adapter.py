@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (
-    Launch, Target, block, cdiv, check_close, dot_args, fp32_dot, jit, kernel_usable, pipeline_stages, runs_triton, target_of,
-    tl,
+    Launch, Target, block, cdiv, check_close, dot_args, fp32_dot, jit, kernel_usable, pipeline_stages, probe_tokens,
+    probes, runs_triton, target_of, tl,
 )
 
 
@@ -214,7 +214,8 @@ def _weight_grad(a, b, scale, gelu_b, dot_dtype, w_dtype, b_dtype):
         bt, options = 256, {}
     else:
         fp32 = fp32_dot(dot_dtype, target)
-        bt = 32 if fp32 else 64
+        # GELU on a [64, 128] fp32 tile next to a 128x128 accumulator spills on sm_86/89 (255 registers): halve it
+        bt = 32 if fp32 or (gelu_b and target.capability < 90) else 64
         stages = pipeline_stages(bt * (bm * a.element_size() + bn * b.element_size()), target, preferred=3,
                                  fixed_bytes=4 * bt * max(bm, bn) * fp32)
         options = {"num_warps": 8, "num_stages": stages}
@@ -271,26 +272,23 @@ def eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scal
     return x + delta if residual else delta
 
 
-PROBE_TOKENS = 256  # >= every token tile, so the probe compiles the tiles of the real shapes
-
-
-def _probe(device, dtype, weight_dtype, dim, rank):
-    """Forward and backward of the fused op on small inputs vs the reference (see `kernel_usable`)."""
+def _probe(device, dtype, weight_dtype, dim, rank, tokens):
+    """Forward and backward of the fused op on `tokens` rows vs the reference (see `kernel_usable`). The
+    tolerance only separates a working kernel from a broken one (the reference may use TF32 for fp32)."""
     gen = torch.Generator(device).manual_seed(0)
-    x = torch.randn(PROBE_TOKENS, dim, device=device, generator=gen).to(dtype).requires_grad_()
+    x = torch.randn(tokens, dim, device=device, generator=gen).to(dtype).requires_grad_()
     weights = [(torch.randn(shape, device=device, generator=gen) / shape[-1] ** 0.5).to(weight_dtype).requires_grad_()
                for shape in ((rank, dim), (rank,), (dim, rank), (dim,))]
-    grad = torch.randn(PROBE_TOKENS, dim, device=device, generator=gen).to(dtype)
-    rtol = 1e-3 if dtype == torch.float32 else 5e-2
-    with torch.enable_grad():
-        for residual in (True, False):
-            got = _EraserAdapterFunction.apply(x, *weights, 0.5, residual)
-            want = eraser_adapter_reference(x, *weights, 0.5, residual)
-            check_close("output", got, want, rtol)
-            for name, g, w in zip(("dx", "d_down_w", "d_down_b", "d_up_w", "d_up_b"),
-                                  torch.autograd.grad(got, [x, *weights], grad),
-                                  torch.autograd.grad(want, [x, *weights], grad)):
-                check_close(name, g, w, rtol)
+    grad = torch.randn(tokens, dim, device=device, generator=gen).to(dtype)
+    rtol = 1e-2 if dtype == torch.float32 else 5e-2
+    for residual in (True, False):
+        got = _EraserAdapterFunction.apply(x, *weights, 0.5, residual)
+        want = eraser_adapter_reference(x, *weights, 0.5, residual)
+        check_close("output", got, want, rtol)
+        for name, g, w in zip(("dx", "d_down_w", "d_down_b", "d_up_w", "d_up_b"),
+                              torch.autograd.grad(got, [x, *weights], grad),
+                              torch.autograd.grad(want, [x, *weights], grad)):
+            check_close(name, g, w, rtol)
 
 
 def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, residual=True):
@@ -305,9 +303,10 @@ def eraser_adapter(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, res
                          f"up_weight {tuple(up_weight.shape)} do not compose")
     if not runs_triton(x) or x.numel() == 0:
         return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale, residual)
-    if x.device.type == "cuda" and not kernel_usable(
-        "eraser_adapter", (x.device, x.dtype, down_weight.dtype, dim, rank),
-        lambda: _probe(x.device, x.dtype, down_weight.dtype, dim, rank),
+    tokens = probe_tokens(x.numel() // dim)
+    if probes(x) and not kernel_usable(
+        "eraser_adapter", (x.device, x.dtype, down_weight.dtype, dim, rank, tokens),
+        lambda: _probe(x.device, x.dtype, down_weight.dtype, dim, rank, tokens),
     ):
         return eraser_adapter_reference(x, down_weight, down_bias, up_weight, up_bias, scale, residual)
     return _EraserAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, float(scale), residual)

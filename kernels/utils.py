@@ -7,6 +7,7 @@ Kept in one place (like Liger-Kernel's ``ops/utils.py``) so that the wrappers an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -120,12 +121,13 @@ def dot_args(dtype: torch.dtype, target: Target) -> dict:
 def pipeline_stages(stage_bytes: int, target: Target, preferred: int, fixed_bytes: int = 0) -> int:
     """Deepest software pipeline (``num_stages``, at most `preferred`, at least 1) whose shared memory fits
     `target` with the margin. Triton keeps ``num_stages - 1`` loaded tiles in shared memory (as loaded, e.g.
-    int8 or fp32); `fixed_bytes` is what it holds besides: with fp32 dots (no tensor cores) an operand that is
-    transformed in registers (dequantised, GELU) goes through shared memory once more. Checked against the
-    compiled kernels by `compile_check` for sm_80/86/89/90."""
+    int8 or fp32) on sm_80-89 and up to ``num_stages`` on sm_90; `fixed_bytes` is what it holds besides: with
+    fp32 dots (no tensor cores) an operand that is transformed in registers (dequantised, GELU) goes through
+    shared memory once more. Checked against the compiled kernels by `compile_check` for sm_80/86/89/90."""
     budget = target.shared_memory - SHARED_MEMORY_MARGIN - fixed_bytes
+    in_flight = 0 if target.capability >= 90 else 1  # tiles in shared memory = num_stages - in_flight
     stages = preferred
-    while stages > 1 and (stages - 1) * stage_bytes > budget:
+    while stages > 1 and (stages - in_flight) * stage_bytes > budget:
         stages -= 1
     return stages
 
@@ -152,22 +154,51 @@ class Launch:
 
 # Ops whose Triton path failed on a device: the op runs its PyTorch reference there from then on.
 _usable: dict[tuple, bool] = {}
+PROBE_TOKENS = 256  # >= every token tile (128), so a probe compiles the tiles that the real launches use
+
+
+def probes(x: torch.Tensor) -> bool:
+    """Whether calls on `x` are probed first (real GPUs; a test switches it on for the interpreter)."""
+    return x.device.type == "cuda"
+
+
+def probe_tokens(tokens: int) -> int:
+    """How many rows a probe runs for an op called on `tokens` rows: the same token tiles (and Triton's
+    specialisation of a single row) as the real call, at most PROBE_TOKENS. Part of the probe's key."""
+    return min(int(tokens), PROBE_TOKENS)
+
+
+@contextlib.contextmanager
+def _isolated(device: torch.device):
+    """The probe's own autograd, outside whatever the caller runs in: gradient checkpointing's saved-tensor
+    hooks (a probe inside a checkpointed block would otherwise be recorded into it and trigger its
+    recomputation), inference mode, no_grad and autocast (which would change the reference's dtype)."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.inference_mode(False), \
+            torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        yield
 
 
 def kernel_usable(op: str, key: tuple, probe: Callable[[], None]) -> bool:
-    """Whether `op`'s Triton kernels work for `key` (device, dtype, shapes that fix the tiles).
+    """Whether `op`'s Triton kernels work for `key` (device first, then dtypes and the shapes that fix the
+    tiles).
 
     The first time, `probe()` runs the op's forward and backward once on small inputs with the tiles the
-    real shapes get and compares them with the reference. A compile error (e.g. a tile that does not fit this
+    real call gets and compares them with the reference. A compile error (e.g. a tile that does not fit this
     GPU's shared memory, or a Triton version the kernel does not support), a launch error or a wrong result
     logs one warning and the op falls back to PyTorch for that key: a slower run, never a crash mid-run.
+    Running out of memory or a CUDA error (a broken context) is not the kernel's verdict: it propagates.
     """
     full_key = (op, *key)
     if full_key not in _usable:
         try:
-            probe()
+            with _isolated(torch.device(key[0])):
+                probe()
             _usable[full_key] = True
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 -- any failure of an optional fast path means "use PyTorch"
+            if "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError":
+                raise
             logger.warning("%s: the Triton kernel cannot run here (%s: %s); using the PyTorch implementation",
                            op, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _usable[full_key] = False

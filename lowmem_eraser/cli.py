@@ -93,24 +93,26 @@ def _toy_build(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    import torch
+
     from . import plan
 
     budget = plan.parse_size(args.budget)
-    defaults = plan.plan_defaults(args.config)
-    given = {name: getattr(args, name) for name in defaults if getattr(args, name, None) is not None}
-    settings = {**defaults, **given}
     if args.model is None and args.config is None:
         raise LowmemEraserError("plan: give --model (a preset or a local folder) or --config (a train YAML)")
-    model = args.model if args.model is not None else settings.pop("model")
-    settings.pop("model", None)
+    settings = plan.plan_defaults(args.config)
+    given = {name: getattr(args, name, None) for name in settings if name not in ("config", "loss")}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    model = settings["model"]
     video = plan.check_video(settings["frames"], settings["height"], settings["width"])
-    loss = plan.check_loss(settings["alpha"], settings["beta"])
-    run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"], settings["prompts"],
-                       settings["text_encoder"])
-    result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run)
+    loss = plan.check_loss(settings["alpha"], settings["beta"], settings["loss"])
+    run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"],
+                       plan.check_prompts(settings["prompts"]), settings["text_encoder"])
+    result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run,
+                            dtype=getattr(torch, settings["dtype"]), batch=settings["batch"])
     print(plan.format_plan(result))
     if args.config_out:
-        print(f"wrote {plan.write_config(result, args.model, args.config_out)}")
+        print(f"wrote {plan.write_config(result, model, args.config_out, settings['config'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,6 +89,8 @@ def vae_tiling(pipe, mode: str, frames: int, height: int, width: int) -> bool:
         device = pipe._execution_device
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        if pipe.vae.device.type != "cuda":  # model/sequential offload: the VAE's weights arrive at decode time
+            peak += sum(t.numel() * t.element_size() for t in pipe.vae.state_dict().values())
         tiled = peak > free
         logger.info("VAE decode needs %.2f GiB, %.2f GiB free: tiling %s", peak / 2**30, free / 2**30,
                     "on" if tiled else "off")

@@ -70,10 +70,22 @@ def parse_size(text: str, name: str = "--budget") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def preset_name(model: str | Path) -> str | None:
+    """The preset `model` stands for: a preset name, or a folder not downloaded yet whose name is one
+    (`models/CogVideoX-5b`, `THUDM/CogVideoX-2b`: planning happens before the download)."""
+    if str(model) in PRESETS:
+        return str(model)
+    name = Path(model).name.lower()
+    if name in PRESETS and not (Path(model) / "transformer" / "config.json").is_file():
+        return name
+    return None
+
+
 def transformer_config(model: str | Path) -> tuple[dict, str]:
     """(CogVideoXTransformer3DModel config, display name) of a preset name or a local diffusers folder."""
-    if str(model) in PRESETS:
-        return dict(PRESETS[str(model)]), str(model)
+    preset = preset_name(model)
+    if preset is not None:
+        return dict(PRESETS[preset]), preset
     path = Path(model) / "transformer" / "config.json"
     if not path.is_file():
         raise PlanError(
@@ -112,8 +124,11 @@ class Setting:
 
     def speed_rank(self) -> tuple:
         """Fastest first: streaming weights costs transfer time, checkpointing ~1/3 more compute on the
-        student passes, int8 at best matches bf16 cuBLAS (bench/bench_kernels.py targets >= 0.9x)."""
-        return (self.offload != "none", self.checkpointing, self.quantize != "none", self.batch)
+        student passes, int8 at best matches bf16 cuBLAS (bench/bench_kernels.py targets >= 0.9x) -- except
+        when the blocks are streamed: then int8 moves half the bytes over PCIe per pass."""
+        streamed = self.offload != "none"
+        slower_weights = (self.quantize == "none") if streamed else (self.quantize != "none")
+        return (streamed, self.checkpointing, slower_weights, self.batch)
 
 
 SETTINGS = tuple(
@@ -364,7 +379,8 @@ class Predictor:
     def forward_peak(self, setting: Setting, batch: int) -> tuple[int, int]:
         """(activation peak, input bytes) of one no-grad transformer forward at `batch` (a sampling step; with
         classifier-free guidance the caller doubles the batch), extrapolated to the real depth like the step.
-        Adapters are attached but add nothing measurable to a no-grad pass."""
+        Simulated without adapters: in a no-grad pass an adapter's output is one [tokens, dim] tensor, freed as
+        the block goes on (trajectory sampling runs with them on; x0 generation and infer with them off)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         quantize = self._int8_simulated(setting)
@@ -403,11 +419,12 @@ class Predictor:
         embeddings = (2 * run.prompts + 1) * seq_len * text_dim * self.dtype.itemsize  # kept on the CPU
         host = self._blocks_bytes(setting) if setting.offload == "blocks" else 0
         host += embeddings
-        text_on_gpu = self._memo(("text", run.prompts, True), lambda: text_stage(
-            self.text_config, run.prompts, seq_len, self.dtype, on_gpu=True))
+        prompts = 2 * run.prompts + 1  # targets, their twins and "": what text.py encodes
+        text_on_gpu = self._memo(("text", prompts, True), lambda: text_stage(
+            self.text_config, prompts, seq_len, self.dtype, on_gpu=True))
         on_gpu = run.text_encoder == "cuda" or (run.text_encoder == "auto" and 0 < text_on_gpu.needs <= budget)
-        stages = [text_on_gpu if on_gpu else self._memo(("text", run.prompts, False), lambda: text_stage(
-            self.text_config, run.prompts, seq_len, self.dtype, on_gpu=False))]
+        stages = [text_on_gpu if on_gpu else self._memo(("text", prompts, False), lambda: text_stage(
+            self.text_config, prompts, seq_len, self.dtype, on_gpu=False))]
         full = self.weights(Setting("none", False, "none"))
         stages.append(Stage("loading the transformer", 0, full,
                             "read in full precision on the CPU, then quantised and moved"))
@@ -472,11 +489,6 @@ class RunSpec:
     prompts: int = 8  # prompt pairs: text batches, embeddings kept on the CPU
     text_encoder: str = "auto"  # memory.text_encoder
 
-    @classmethod
-    def of(cls, config: TrainConfig, prompts: int) -> "RunSpec":
-        return cls(config.sampling.mode, config.sampling.batch_size, config.sampling.guidance_scale > 1, prompts,
-                   config.memory.text_encoder)
-
 
 @dataclass
 class ProcessPrediction:
@@ -540,6 +552,7 @@ class Plan:
     seconds: float
     run: RunSpec = RunSpec()
     infer: InferPrediction | None = None
+    dtype: torch.dtype = torch.bfloat16
 
 
 @dataclass
@@ -554,22 +567,24 @@ class ModelSpec:
 
 def model_spec(model: str | Path) -> ModelSpec:
     config, name = transformer_config(model)
-    preset = str(model) in PRESETS
+    preset = preset_name(model) is not None
     return ModelSpec(name, config, text_encoder_config(model, preset), vae_config(model, preset))
 
 
 def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
-              max_batch: int = 8, run: RunSpec = RunSpec()) -> Plan:
-    """Predict every setting's whole process at batch 1, pick the fastest that fits, see how far its batch can
+              max_batch: int = 8, run: RunSpec = RunSpec(), dtype: torch.dtype = torch.bfloat16,
+              batch: int = 1) -> Plan:
+    """Predict every setting's whole process at `batch`, pick the fastest that fits, see how far its batch can
     grow; and plan `infer` for the same budget."""
     began = time.perf_counter()
     spec = model_spec(model)
-    predictor = Predictor(spec.transformer, video, rank, loss, text_config=spec.text_encoder, vae_config=spec.vae)
-    candidates = [predictor.process(setting, run, budget) for setting in SETTINGS]
+    predictor = Predictor(spec.transformer, video, rank, loss, dtype, text_config=spec.text_encoder,
+                          vae_config=spec.vae)
+    candidates = [predictor.process(replace(setting, batch=batch), run, budget) for setting in SETTINGS]
     fitting = [c for c in candidates if c.fits(budget)]
     pick = min(fitting, key=lambda c: c.setting.speed_rank()) if fitting else None
     if pick is not None:
-        batch = 2
+        batch += 1
         while batch <= max_batch:
             grown = predictor.process(replace(pick.setting, batch=batch), run, budget)
             candidates.append(grown)
@@ -577,7 +592,8 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
                 break
             batch += 1
     infer = predictor.infer(budget)
-    return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer)
+    return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer,
+                dtype)
 
 
 def _gib(n: int) -> str:
@@ -589,7 +605,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"model {plan.model}, {v.frames}x{v.height}x{v.width}, rank {plan.rank}, alpha {plan.loss.alpha}, "
         f"beta {plan.loss.beta}, sampling {run.sampling}, {run.prompts} prompt pairs, text encoder "
-        f"{run.text_encoder}, bf16, budget {plan.budget / GiB:.1f} GiB",
+        f"{run.text_encoder}, {str(plan.dtype).removeprefix('torch.')}, budget {plan.budget / GiB:.1f} GiB",
         f"needs = predicted allocated peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + "
         f"{CUDA_CONTEXT_BYTES / GiB:.1f} GiB (CUDA context); a process fits when every stage's needs <= budget",
         "",
@@ -640,35 +656,40 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
-    """A train YAML with the picked setting; for presets the model/prompts/concept are placeholders to edit."""
+def write_config(plan: Plan, model: str | Path, path: str | Path, base: TrainConfig | None = None) -> Path:
+    """A train YAML with the picked memory setting. From `base` (the --config) only `memory` changes; without
+    one, the model/prompts/concept of a preset are placeholders to edit."""
     if plan.pick is None:
         raise PlanError("--config-out: nothing fits the budget, so there is no setting to write")
     s = plan.pick.setting
-    text_encoder = "cuda" if plan.pick.text_on_gpu else "cpu"
-    preset = str(model) in PRESETS
-    config = TrainConfig(
-        model=Path(f"models/{plan.model.replace('cogvideox', 'CogVideoX')}") if preset else Path(model),
-        prompts=Path("configs/prompts/nudity_sample.csv"),
-        concept="nudity",
-        output_dir=Path(f"runs/{Path(plan.model).name}-nudity"),
-        eraser=EraserConfig(rank=plan.rank),
-        loss=plan.loss,
-        sampling=SamplingConfig(mode=plan.run.sampling, batch_size=plan.run.sampling_batch),
-        video=plan.video,
-        memory=MemoryConfig(
-            quantize="auto" if s.quantize == "int8" else "none",
-            gradient_checkpointing=s.checkpointing,
-            offload=s.offload,
-            dtype="bfloat16",
-            kernels="auto",
-            text_encoder=text_encoder,
-        ),
+    memory = MemoryConfig(
+        quantize="auto" if s.quantize == "int8" else "none",
+        gradient_checkpointing=s.checkpointing,
+        offload=s.offload,
+        dtype=str(plan.dtype).removeprefix("torch."),
+        kernels=base.memory.kernels if base else "auto",
+        text_encoder=plan.run.text_encoder,  # auto re-checks the free memory at run time
     )
+    preset = preset_name(model) is not None
+    if base is not None:
+        config = replace(base, memory=memory)
+    else:
+        config = TrainConfig(
+            model=Path(f"models/{plan.model.replace('cogvideox', 'CogVideoX')}") if preset else Path(model),
+            prompts=Path("configs/prompts/nudity_sample.csv"),
+            concept="nudity",
+            output_dir=Path(f"runs/{Path(plan.model).name}-nudity"),
+            eraser=EraserConfig(rank=plan.rank),
+            loss=plan.loss,
+            sampling=SamplingConfig(mode=plan.run.sampling, batch_size=plan.run.sampling_batch),
+            video=plan.video,
+            memory=memory,
+        )
     header = [
         f"# Written by `lowmem-eraser plan`: predicted process peak {plan.pick.gpu / GiB:.2f} GiB allocated, "
         f"{plan.pick.needs / GiB:.2f} GiB needed (budget {plan.budget / GiB:.1f} GiB).",
-        "# Edit prompts, concept and output_dir" + (" and point `model` at your local folder." if preset else "."),
+        "# Edit prompts, concept and output_dir" + (" and point `model` at your local folder." if preset else ".")
+        if base is None else f"# From {base.output_dir}'s config: only `memory` was changed.",
     ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -678,9 +699,11 @@ def write_config(plan: Plan, model: str | Path, path: str | Path) -> Path:
 
 def plan_defaults(config_path: str | None) -> dict:
     """The planned quantities, from a train YAML (read without checking that its files exist: planning happens
-    before the model is downloaded) or the built-in defaults (the published setting at 49x480x720, beta 0.5)."""
+    before the model is downloaded) or the built-in defaults (the published setting at 49x480x720, beta 0.5).
+    `config` is the parsed TrainConfig (None without one): `--config-out` starts from it."""
     defaults = dict(model=None, frames=49, height=480, width=720, rank=128, alpha=1.0, beta=0.5,
-                    sampling="renoise", sampling_batch=1, cfg=True, prompts=8, text_encoder="auto")
+                    sampling="renoise", sampling_batch=1, cfg=True, prompts=8, text_encoder="auto",
+                    loss=LossConfig(alpha=1.0, beta=0.5), dtype="bfloat16", batch=1, config=None)
     if config_path is None:
         return defaults
     from .config import load_prompt_pairs
@@ -697,7 +720,8 @@ def plan_defaults(config_path: str | None) -> dict:
     return dict(model=str(config.model), frames=v.frames, height=v.height, width=v.width, rank=config.eraser.rank,
                 alpha=config.loss.alpha, beta=config.loss.beta, sampling=config.sampling.mode,
                 sampling_batch=config.sampling.batch_size, cfg=config.sampling.guidance_scale > 1, prompts=prompts,
-                text_encoder=config.memory.text_encoder)
+                text_encoder=config.memory.text_encoder, loss=config.loss, dtype=config.memory.dtype,
+                batch=config.train.batch_size, config=config)
 
 
 def check_rank(rank: int) -> int:
@@ -706,8 +730,15 @@ def check_rank(rank: int) -> int:
     return rank
 
 
-def check_loss(alpha: float, beta: float) -> LossConfig:
+def check_loss(alpha: float, beta: float, base: LossConfig | None = None) -> LossConfig:
+    """`base` (a config's loss: eta, anchor, threshold) with these alpha and beta."""
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not (math.isfinite(value) and value >= 0):
             raise PlanError(f"--{name}: expected a value >= 0, got {value}")
-    return LossConfig(alpha=alpha, beta=beta)
+    return replace(base or LossConfig(), alpha=alpha, beta=beta)
+
+
+def check_prompts(prompts: int) -> int:
+    if prompts <= 0:
+        raise PlanError(f"--prompts: expected a positive number of prompt pairs, got {prompts}")
+    return prompts

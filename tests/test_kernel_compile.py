@@ -17,8 +17,13 @@ from lowmem_eraser.kernels import utils
 from lowmem_eraser.kernels.utils import SHARED_MEMORY, SHARED_MEMORY_MARGIN, Target, pipeline_stages
 
 triton = pytest.importorskip("triton", reason="compiling for GPU targets needs triton")
+needs_specialize = pytest.mark.skipif(
+    not hasattr(pytest.importorskip("triton._C.libtriton"), "native_specialize_impl"),
+    reason="this Triton has no native_specialize_impl (Triton >= 3.4 specialises launches with it)",
+)
 
 
+@needs_specialize
 def test_every_kernel_compiles_for_every_gpu_architecture_with_shared_memory_to_spare(tmp_path):
     out = tmp_path / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
@@ -62,3 +67,43 @@ def test_a_kernel_that_fails_on_this_gpu_falls_back_with_one_notice(caplog, monk
     assert len(notices) == 1 and "using the PyTorch implementation" in notices[0].getMessage()
     assert "shared memory" in notices[0].getMessage()
     assert utils.kernel_usable("eraser_adapter", ("cuda:0", "bf16", 1920, 128), lambda: None)
+
+
+def test_probes_inside_a_checkpointed_training_step_change_nothing(monkeypatch, caplog):
+    """On a GPU the first call of each op shape probes its kernels, which happens inside a checkpointed block
+    (the student pass): the probe's own autograd must not leak into the checkpoint. Here the interpreter
+    stands in for the GPU, with probing switched on."""
+    import importlib
+
+    import torch
+
+    from conftest import randomize_erasers, run, tiny_inputs, tiny_transformer
+    from lowmem_eraser import attach_erasers, erasers_disabled, quantize_base
+
+    if not utils.triton_available():
+        pytest.skip("needs the Triton interpreter")
+    modules = [importlib.import_module(f"lowmem_eraser.kernels.{name}") for name in ("eraser_adapter", "int8_linear")]
+
+    def step(probing: bool):
+        for module in modules:
+            monkeypatch.setattr(module, "probes", lambda x: probing)
+        monkeypatch.setattr(utils, "_usable", {})
+        transformer = quantize_base(tiny_transformer(), backend="triton")
+        transformer.enable_gradient_checkpointing()
+        erasers = attach_erasers(transformer, rank=4)
+        randomize_erasers(erasers)
+        inputs = tiny_inputs()
+        with torch.no_grad(), erasers_disabled(transformer):
+            target = run(transformer, inputs)
+        torch.nn.functional.mse_loss(run(transformer, inputs), target + 0.1).backward()
+        return [p.grad.clone() for p in erasers.parameters()], dict(utils._usable)
+
+    with caplog.at_level(logging.WARNING, logger="lowmem_eraser.kernels"):
+        probed, verdicts = step(True)
+    notices = [r.getMessage() for r in caplog.records if r.name.startswith("lowmem_eraser")]
+    assert not notices, notices
+    assert verdicts and all(verdicts.values())
+    assert {key[0] for key in verdicts} == {"eraser_adapter", "int8_linear"}
+    plain, _ = step(False)
+    for a, b in zip(probed, plain):
+        assert torch.equal(a, b)

@@ -123,7 +123,7 @@ def test_a_model_folder_is_read_and_written_into_the_config(tmp_path):
     written = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
     assert written.model == tmp_path / "model"
     assert (written.memory.quantize, written.memory.gradient_checkpointing, written.memory.offload,
-            written.memory.text_encoder) == ("auto", True, "blocks", "cpu")
+            written.memory.text_encoder) == ("auto", True, "blocks", "auto")
     config["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(PlanError, match="--model"):
@@ -228,3 +228,23 @@ def test_plan_reads_a_train_config(capsys):
     text = capsys.readouterr().out
     assert "rank 128, alpha 1.0, beta 0.0" in text and "10 prompt pairs" in text  # from the YAML
     assert "infer: --offload" in text
+
+
+def test_plan_config_out_keeps_the_config_and_changes_only_memory(tmp_path, capsys):
+    """`plan --config toy.yaml --config-out`: the toy's loss, sampling, train, dtype (float32) and batch (4) are
+    planned and written back; only `memory` is the planner's."""
+    out = tmp_path / "planned.yaml"
+    assert cli_main(["plan", "--config", "configs/toy.yaml", "--budget", "4GB", "--config-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "float32" in text and "sampling trajectory" in text and "batch 8 (CFG)" in text  # 2 x train batch 4
+    original = TrainConfig.from_dict(yaml.safe_load(open("configs/toy.yaml").read()))
+    written = TrainConfig.from_dict(yaml.safe_load(out.read_text()))
+    for section in ("model", "prompts", "concept", "loss", "sampling", "video", "train", "eraser"):
+        assert getattr(written, section) == getattr(original, section), section
+    assert written.memory.dtype == "float32" and written.memory.text_encoder == "auto"
+
+
+def test_a_preset_named_folder_not_downloaded_yet_is_planned_as_the_preset(tmp_path):
+    assert transformer_config(tmp_path / "models" / "CogVideoX-5b") == (PRESETS["cogvideox-5b"], "cogvideox-5b")
+    with pytest.raises(PlanError, match="--model"):
+        transformer_config(tmp_path / "models" / "my-model")
