@@ -108,8 +108,10 @@ def _plan(args: argparse.Namespace) -> None:
     loss = plan.check_loss(settings["alpha"], settings["beta"], settings["loss"])
     run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"],
                        plan.check_prompts(settings["prompts"]), settings["text_encoder"])
+    config = settings["config"]
+    configured = plan.configured_setting(config.memory, settings["batch"]) if config is not None else None
     result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run,
-                            dtype=getattr(torch, settings["dtype"]), batch=settings["batch"])
+                            dtype=getattr(torch, settings["dtype"]), batch=settings["batch"], configured=configured)
     print(plan.format_plan(result))
     if args.config_out:
         print(f"wrote {plan.write_config(result, model, args.config_out, settings['config'])}")

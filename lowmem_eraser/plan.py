@@ -553,6 +553,7 @@ class Plan:
     run: RunSpec = RunSpec()
     infer: InferPrediction | None = None
     dtype: torch.dtype = torch.bfloat16
+    configured: ProcessPrediction | None = None  # the --config's own memory setting
 
 
 @dataclass
@@ -573,7 +574,7 @@ def model_spec(model: str | Path) -> ModelSpec:
 
 def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
               max_batch: int = 8, run: RunSpec = RunSpec(), dtype: torch.dtype = torch.bfloat16,
-              batch: int = 1) -> Plan:
+              batch: int = 1, configured: Setting | None = None) -> Plan:
     """Predict every setting's whole process at `batch`, pick the fastest that fits, see how far its batch can
     grow; and plan `infer` for the same budget."""
     began = time.perf_counter()
@@ -592,12 +593,31 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
                 break
             batch += 1
     infer = predictor.infer(budget)
+    own = predictor.process(configured, run, budget) if configured is not None else None
     return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer,
-                dtype)
+                dtype, own)
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
+
+
+def _stage_lines(title: str, process: ProcessPrediction, budget: int) -> list[str]:
+    verdict = "fits" if process.fits(budget) else "does not fit: " + ", ".join(
+        f"{stage.name} needs {_gib(extra)} GiB more" for stage, extra in process.over(budget))
+    lines = [f"{title} ({process.setting.label}, batch {process.setting.batch}, T5 on the "
+             f"{'GPU' if process.text_on_gpu else 'CPU'}; {verdict}), GiB:",
+             f"  {'stage':<24} {'GPU peak':>8} {'needs':>8} {'host':>8}  detail"]
+    for stage in process.stages:
+        lines.append(f"  {stage.name:<24} {_gib(stage.gpu):>8} {_gib(stage.needs):>8} {_gib(stage.host):>8}  "
+                     f"{stage.detail}")
+    return lines
+
+
+def configured_setting(memory: MemoryConfig, batch: int) -> Setting:
+    """The planner's Setting for a config's `memory` (every 8-bit backend keeps int8 weights)."""
+    return Setting("none" if memory.quantize == "none" else "int8", memory.gradient_checkpointing, memory.offload,
+                   batch)
 
 
 def format_plan(plan: Plan) -> str:
@@ -623,11 +643,9 @@ def format_plan(plan: Plan) -> str:
         )
     lines.append("")
     shown = plan.pick or min(plan.candidates[: len(SETTINGS)], key=lambda c: c.needs)
-    lines.append(f"stages of {'the pick' if plan.pick else 'the leanest setting'} ({shown.setting.label}), GiB:")
-    lines.append(f"  {'stage':<24} {'GPU peak':>8} {'needs':>8} {'host':>8}  detail")
-    for stage in shown.stages:
-        lines.append(f"  {stage.name:<24} {_gib(stage.gpu):>8} {_gib(stage.needs):>8} {_gib(stage.host):>8}  "
-                     f"{stage.detail}")
+    lines += _stage_lines(f"stages of {'the pick' if plan.pick else 'the leanest setting'}", shown, plan.budget)
+    if plan.configured is not None:
+        lines += _stage_lines("stages of the config's own setting", plan.configured, plan.budget)
     lines.append("  (host: tensor bytes; the Python process itself adds ~1-3 GiB of libraries and CUDA state)")
     lines.append("")
     if plan.pick is None:

@@ -227,6 +227,7 @@ def test_plan_reads_a_train_config(capsys):
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "rank 128, alpha 1.0, beta 0.0" in text and "10 prompt pairs" in text  # from the YAML
+    assert "stages of the config's own setting (int8, ckpt on, offload blocks, batch 1" in text
     assert "infer: --offload" in text
 
 
