@@ -280,7 +280,14 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
                 torch.cuda.synchronize()  # time the GPU's work, not the queuing of it
 
         resident = weights + 3 * tensor_bytes(erasers) + inputs.nbytes  # + AdamW's two moments
+        if CUDA:  # building on the GPU (bf16, then int8; blocks moved to the host) leaves freed blocks cached
+            gc.collect()
+            torch.cuda.empty_cache()
         row = _measure(step, resident)
+        if CUDA and mode.kernels == "triton":  # a kernel that failed its probe would run PyTorch silently
+            from lowmem_eraser.kernels import utils
+
+            assert all(utils._usable.values()), f"a Triton kernel fell back to PyTorch: {utils._usable}"
         benchmark.pedantic(timed_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
         row["seconds"] = statistics.median(benchmark.stats.stats.data)
     except torch.cuda.OutOfMemoryError:
