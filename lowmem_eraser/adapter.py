@@ -154,6 +154,19 @@ def _require_erasers(transformer: nn.Module) -> EraserSet:
     return erasers
 
 
+def foreign_erasers(transformer: nn.Module) -> str | None:
+    """Where an eraser injected by other code sits, or None. The published T2VUnlearning code replaces `attn1`
+    by a wrapper holding an `adapter` module; our hooks and the published keys would then clash with it."""
+    for name, _ in transformer.named_modules():  # ours is never a registered submodule (see _ATTR)
+        if name.rsplit(".", 1)[-1] == "adapter":
+            return f"module {name!r}"
+    for i, block in enumerate(getattr(transformer, "transformer_blocks", ())):
+        attn = getattr(block, "attn1", None)
+        if attn is not None and (hasattr(attn, "adapter") or not hasattr(attn, "to_q")):
+            return f"transformer_blocks.{i}.attn1 is a {type(attn).__name__}, not a diffusers Attention"
+    return None
+
+
 def _attention_dim(attn: nn.Module) -> int:
     return attn.to_q.in_features
 
@@ -262,6 +275,9 @@ def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
         raise LowmemEraserError("erasers are already attached to this transformer; call detach_erasers first")
     if not isinstance(rank, int) or rank <= 0:
         raise LowmemEraserError(f"eraser rank must be a positive integer, got {rank!r}")
+    foreign = foreign_erasers(transformer)
+    if foreign is not None:
+        raise LowmemEraserError(f"this transformer already carries an eraser injected by other code ({foreign})")
     blocks = cogvideox_blocks(transformer)
     adapters = {}
     for i, block in enumerate(blocks):

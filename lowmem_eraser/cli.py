@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .errors import LowmemEraserError
 def _inspect(args: argparse.Namespace) -> None:
     from .serialization import read_erasers
 
-    eraser = read_erasers(args.path)
+    eraser = read_erasers(args.path, allow_nonfinite=True)  # NaN/Inf are reported below, not refused
     dims = sorted(set(eraser.dims.values()))
     params = sum(t.numel() for inners in eraser.state.values() for t in inners.values())
     print(f"file:       {eraser.weights_path}")
@@ -36,28 +37,62 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{name:<48} {norms[0]:>10.4g} {norms[1]:>10.4g} {norms[2]:>10.4g}{flag}")
     if zero_blocks:
         print(f"{zero_blocks} of {len(eraser.state)} blocks are exactly zero (untrained)")
+    bad = {name: sum(int((~inners[key].isfinite()).sum()) for key in inners) for name, inners in eraser.state.items()}
+    bad = {name: count for name, count in bad.items() if count}
+    for name, count in bad.items():
+        print(f"non-finite: {name} has {count} NaN/Inf values")
+    if bad:
+        print(f"{len(bad)} of {len(eraser.state)} blocks hold {sum(bad.values())} NaN/Inf values in all: "
+              "load_erasers refuses this file")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .serialization import CONFIG_JSON, read_erasers, write_config, write_weights
+    """Readers refuse a folder holding both eraser_weights.pt and .safetensors, so the result never does: a
+    conversion in the source's own folder replaces the source file; another eraser in DST's folder is refused."""
+    import json
+
+    from .serialization import (SIDECAR_JSON, WEIGHTS_PT, WEIGHTS_SAFETENSORS, atomic_write, ensure_folder,
+                                read_erasers, write_config, write_weights)
 
     eraser = read_erasers(args.src)
-    dst = Path(args.dst)
+    src, dst = eraser.weights_path, Path(args.dst)
     if dst.suffix not in (".pt", ".safetensors"):
         raise LowmemEraserError(f"{dst}: destination must be a file ending in .pt or .safetensors")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(dst.parent, "convert")
+    same_folder = dst.parent.resolve() == src.parent.resolve()
+    for name in (WEIGHTS_PT, WEIGHTS_SAFETENSORS):
+        other = dst.parent / name
+        if other.is_file() and other.resolve() not in (src.resolve(), dst.resolve()):
+            raise LowmemEraserError(
+                f"{dst}: {dst.parent} already holds another eraser's {name}; a folder with both {WEIGHTS_PT} "
+                f"and {WEIGHTS_SAFETENSORS} cannot be read: convert into another folder or remove {other}"
+            )
     write_weights(eraser.state, dst)
-    if not (dst.parent / CONFIG_JSON).exists():
-        write_config(dst.parent, eraser.rank)
+    write_config(dst.parent, eraser.rank)  # always: a config left from other weights would name the wrong rank
+    if not same_folder:  # the sidecar (training metadata) travels with the weights; a stale one goes
+        if eraser.sidecar is not None:
+            text = json.dumps(eraser.sidecar, indent=4)
+            atomic_write(dst.parent / SIDECAR_JSON, lambda tmp: tmp.write_text(text))
+        else:
+            (dst.parent / SIDECAR_JSON).unlink(missing_ok=True)
     print(f"wrote {dst} ({eraser.family}, {len(eraser.state)} blocks, rank {eraser.rank})")
+    if same_folder and src.resolve() != dst.resolve():
+        src.unlink()  # only now that dst is complete: a crash before this leaves the source intact
+        print(f"removed {src}: {dst.name} replaces it (one weights file per folder)")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .runfolder import TrainingInterrupted
     from .train import train
 
-    out = train(load_config(args.config, args.overrides), resume=args.resume)
+    try:
+        out = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        print(f"lowmem-eraser train: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(f"eraser written to {out}")
+    return 0
 
 
 def _infer(args: argparse.Namespace) -> None:
@@ -71,18 +106,25 @@ def _infer(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     import yaml
 
-    from .config import TrainConfig
+    from .config import TrainConfig, read_text
+    from .serialization import ensure_folder, read_erasers
     from .toy.evaluate import evaluate, markdown, write_report
 
     try:
-        config = TrainConfig.from_dict(yaml.safe_load(Path(args.config).read_text()))
-    except (OSError, yaml.YAMLError) as exc:
+        config = TrainConfig.from_dict(yaml.safe_load(read_text(Path(args.config), "--config")))
+    except yaml.YAMLError as exc:
         raise LowmemEraserError(f"--config: cannot read {args.config} ({exc})") from None
-    steps = args.steps or config.sampling.num_inference_steps
-    result = evaluate(config.model, args.eraser, config.concept, steps, config.sampling.guidance_scale, args.seed,
+    # Every argument is checked before the evaluation (minutes): nothing fails after it and loses the report.
+    steps = config.sampling.num_inference_steps if args.steps is None else args.steps
+    if steps < 1:
+        raise LowmemEraserError(f"--steps: expected at least 1, got {steps}")
+    eraser = Path(args.eraser)
+    read_erasers(eraser)  # a folder or a weights file; a bad one is named now
+    output = ensure_folder(args.output or (eraser if eraser.is_dir() else eraser.parent), "--output")
+    result = evaluate(config.model, eraser, config.concept, steps, config.sampling.guidance_scale, args.seed,
                       config.memory.kernels)
     print(markdown(result))
-    json_path, md_path = write_report(result, Path(args.output or args.eraser))
+    json_path, md_path = write_report(result, output)
     print(f"wrote {json_path} and {md_path}")
 
 
@@ -134,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML training config (see configs/README.md)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.steps=10 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a run: move it aside (to OUTPUT_DIR.replaced-TIME) and start afresh")
     train.set_defaults(run=_train)
 
     infer = commands.add_parser("infer", help="generate a video with an eraser loaded")
@@ -157,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="toy world: base vs erased figures on held-out prompts")
     evaluate.add_argument("--config", required=True, help="the training config (model, concept, sampling)")
-    evaluate.add_argument("--eraser", required=True, help="eraser folder")
+    evaluate.add_argument("--eraser", required=True, help="eraser folder or weights file")
     evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: sampling.num_inference_steps)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", default=None, help="folder for eval.json and eval.md (default: the eraser folder)")
@@ -192,7 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoticeFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (pytest and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _notices() -> None:
+    """The package's one notice channel (`logging`, logger "lowmem_eraser") to stderr, once per process."""
+    logger = logging.getLogger("lowmem_eraser")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(_NoticeFormatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _notices()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -9,6 +9,8 @@ not to the config file's folder.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import typing
 import warnings
@@ -69,6 +71,11 @@ def _checked(name: str, value: Any, kind: type, metadata) -> Any:
     """`value` converted to `kind` and checked against the field's rule or choices, or a ConfigError."""
     if is_dataclass(kind):
         return value if isinstance(value, kind) else kind.from_dict(value)
+    if typing.get_origin(kind) is list:  # list[str] and the like: each item checked as its own field `name[i]`
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_kind,) = typing.get_args(kind)
+        return [_checked(f"{name}[{i}]", item, item_kind, metadata) for i, item in enumerate(value)]
     converted = _converted(value, kind)
     if converted is None:
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
@@ -152,6 +159,7 @@ class TrainLoopConfig(_Section):
     log_every: int = field(default=1, metadata=_POSITIVE)
     warmup_steps: int = field(default=0, metadata=_NON_NEGATIVE)
     lr_schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
+    keep_checkpoints: int = field(default=2, metadata=_POSITIVE)
 
 
 @dataclass
@@ -170,6 +178,18 @@ class MemoryConfig(_Section):
 
 
 @dataclass
+class ValidationConfig(_Section):
+    """Base | erased sample videos of held-out prompts every `every` steps (0 = off), from one seed."""
+
+    key: ClassVar[str] = "validation"
+    every: int = field(default=0, metadata=_NON_NEGATIVE)
+    prompts: list[str] = field(default_factory=list)
+    num_inference_steps: int = field(default=25, metadata=_POSITIVE)
+    guidance_scale: float = field(default=6.0, metadata=_NON_NEGATIVE)
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig(_Section):
     """The whole training config. `model`, `prompts`, `concept` and `output_dir` are required."""
 
@@ -183,6 +203,8 @@ class TrainConfig(_Section):
     video: VideoConfig = field(default_factory=VideoConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    report_to: str = field(default="none", metadata=_choices("none", "tensorboard", "wandb"))
 
     def to_dict(self) -> dict:
         """Plain YAML-safe values (paths as strings), in the file's layout: `from_dict` reads it back."""
@@ -193,9 +215,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read, override (`key.sub=value`, value parsed as YAML), check and validate a training config."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config: {path} not found") from None
+        data = yaml.safe_load(read_text(path, "config"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -240,6 +260,12 @@ def validate(config: TrainConfig) -> None:
                 f"model: {config.model} has no {sub}/ sub-folder (a diffusers CogVideoX folder needs "
                 f"{', '.join(s + '/' for s in MODEL_SUBFOLDERS)})"
             )
+    dim = _attention_dim(config.model)
+    if dim is not None and config.eraser.rank > dim:  # down: dim -> rank; a wider rank adds only dead weights
+        raise ConfigError(
+            f"eraser.rank: expected at most the model's attention dim {dim} "
+            f"({config.model / 'transformer' / 'config.json'}), got {config.eraser.rank}"
+        )
     pairs = load_prompt_pairs(config.prompts)
     if config.train.warmup_steps > config.train.steps:
         raise ConfigError(
@@ -252,12 +278,27 @@ def validate(config: TrainConfig) -> None:
         )
     if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
         raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
+    if config.validation.every > 0 and not config.validation.prompts:
+        raise ConfigError(f"validation.prompts: validation.every is {config.validation.every} but no prompts are given "
+                          "(list at least one, or set validation.every: 0)")
     if not any(concept_spans(target, config.concept) for target, _ in pairs):
         warnings.warn(
             f"concept {config.concept!r} appears in none of the {len(pairs)} target prompts of {config.prompts}: "
             "the localisation mask will be empty, so L_loc penalises the eraser everywhere",
             stacklevel=2,
         )
+
+
+def _attention_dim(model: Path) -> int | None:
+    """num_attention_heads * attention_head_dim from the transformer's config.json; None when it cannot be
+    read (the model loader reports a missing or broken file itself)."""
+    try:
+        transformer = json.loads((model / "transformer" / "config.json").read_text(encoding="utf-8"))
+        heads, head_dim = transformer["num_attention_heads"], transformer["attention_head_dim"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, head_dim))
+    return heads * head_dim if ok else None
 
 
 def load_prompt_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -275,7 +316,7 @@ def load_prompt_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 
 def _csv_pairs(path: Path) -> list[tuple[str, str]]:
-    with path.open(newline="", encoding="utf-8-sig") as file:
+    with io.StringIO(read_text(path, "prompts", "utf-8-sig"), newline="") as file:
         reader = csv.reader(file)
         header = [column.strip() for column in next(reader, [])]
         for column in PROMPT_COLUMNS:
@@ -299,7 +340,7 @@ def _csv_pairs(path: Path) -> list[tuple[str, str]]:
 
 def _yaml_pairs(path: Path) -> list[tuple[str, str]]:
     try:
-        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+        items = yaml.safe_load(read_text(path, "prompts"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"prompts: {path} is not valid YAML: {exc}") from None
     if not isinstance(items, list):
@@ -325,3 +366,20 @@ def _pair(cells: list, where: str) -> tuple[str, str]:
         if not isinstance(cell, str) or not cell.strip():
             raise ConfigError(f"{where}: empty or non-text {column!r}: {cell!r}")
     return cells[0].strip(), cells[1].strip()
+
+
+def read_text(path: Path, field: str, encoding: str = "utf-8") -> str:
+    """A config or prompt file's text, or one ConfigError naming the file: missing, unreadable, not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{field}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from None

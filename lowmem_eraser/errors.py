@@ -11,3 +11,17 @@ class EraserFormatError(LowmemEraserError, ValueError):
 
 class ConfigError(LowmemEraserError, ValueError):
     """A bad configuration value; the message names the field."""
+
+
+class MissingDependencyError(LowmemEraserError, ImportError):
+    """An optional package a setting needs is not installed; the message names the `pip install` to run."""
+
+
+class WriteError(LowmemEraserError, OSError):
+    """A file could not be written (disk full, permission, read-only); names the file and the cause.
+
+    Also an OSError, so code that already catches OSError around a save keeps working."""
+
+
+class ModelFileError(LowmemEraserError):
+    """A model file (config, weights, tokenizer) that cannot be loaded; names the file."""

@@ -8,6 +8,7 @@ documented renderer.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import LowmemEraserError
+from .loading import from_pretrained_or_error, model_files
 
 logger = logging.getLogger(__name__)
 OFFLOAD_MODES = ("none", "model", "sequential")
@@ -49,12 +51,15 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     if offload != "none" and not cuda:
         raise LowmemEraserError(f"--offload {offload} moves weights between CPU and a CUDA device; there is no CUDA here")
     dtype = torch.bfloat16 if cuda else torch.float32
+    with model_files(model / "scheduler", "scheduler"):  # a broken file is named, not a library traceback
+        scheduler = load_scheduler(model)
     pipe = CogVideoXPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(model / "tokenizer"),
-        text_encoder=T5EncoderModel.from_pretrained(model / "text_encoder", torch_dtype=dtype),
-        vae=AutoencoderKLCogVideoX.from_pretrained(model / "vae", torch_dtype=dtype) if (model / "vae").is_dir() else None,
-        transformer=CogVideoXTransformer3DModel.from_pretrained(model / "transformer", torch_dtype=dtype),
-        scheduler=load_scheduler(model),
+        tokenizer=from_pretrained_or_error(AutoTokenizer, model / "tokenizer"),
+        text_encoder=from_pretrained_or_error(T5EncoderModel, model / "text_encoder", torch_dtype=dtype),
+        vae=from_pretrained_or_error(AutoencoderKLCogVideoX, model / "vae", torch_dtype=dtype)
+        if (model / "vae").is_dir() else None,
+        transformer=from_pretrained_or_error(CogVideoXTransformer3DModel, model / "transformer", torch_dtype=dtype),
+        scheduler=scheduler,
     )
     if offload == "model":
         pipe.enable_model_cpu_offload()
@@ -152,10 +157,20 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
           tiling: str = "auto"):
     """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed).
     `tiling`: VAE tiling and slicing, `auto` = on when the plain decode would not fit (see `vae_tiling`)."""
-    from . import erasers_disabled, load_erasers, set_eraser_scale
+    from . import erasers_disabled, load_erasers, read_erasers, set_eraser_scale
+    from .serialization import ensure_folder
 
+    # Every argument is checked before the model loads (minutes on a real model), not after the generation.
     if Path(output).suffix not in (".gif", ".mp4"):
         raise LowmemEraserError(f"--output: {output} must end in .gif or .mp4")
+    if spec.steps < 1:
+        raise LowmemEraserError(f"--steps: expected at least 1, got {spec.steps}")
+    if not math.isfinite(strength):  # nan/inf would render a black video and exit 0
+        raise LowmemEraserError(f"--strength: expected a finite number, got {strength}")
+    if spec.frames is not None and (spec.frames <= 0 or spec.frames % 8 != 1):
+        raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {spec.frames}")
+    ensure_folder(Path(output).parent, "--output")
+    read_erasers(eraser)  # a bad eraser is named before the model loads
     pipe = load_pipeline(model, offload)
     load_erasers(pipe.transformer, eraser)
     set_eraser_scale(pipe.transformer, strength)

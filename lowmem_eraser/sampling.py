@@ -8,6 +8,8 @@ partially denoised latent is x_t at that step's timestep. Neither ever pairs pur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .adapter import erasers_disabled
@@ -55,19 +57,37 @@ def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, st
 
 
 @torch.no_grad()
-def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device) -> torch.Tensor:
+def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device, cache_dir=None) -> torch.Tensor:
     """x0 for each target prompt, generated with the frozen model (adapters off). Returns [n, F, C, H, W] on CPU.
 
     Prompts are sampled `sampling.batch_size` at a time; prompt i always draws its noise from seed + i, so
-    x0 is the same for every batch size.
-    """
-    latents = []
-    with erasers_disabled(pipe.transformer):
-        for start in range(0, target_embeds.shape[0], sampling.batch_size):
-            chunk = target_embeds[start : start + sampling.batch_size]
-            generators = [torch.Generator(device).manual_seed(seed + start + i) for i in range(chunk.shape[0])]
-            latents.append(_generate(pipe, chunk, empty, video, sampling, generators, device).cpu())
-    return torch.cat(latents)
+    x0 is the same for every batch size. With `cache_dir` (hours on 5b) every prompt's x0 is written there
+    atomically as soon as its batch is done and reused on the next start: a kill loses at most the batch in
+    progress. Batches keep their place in the fixed grid [0, b), [b, 2b), ... so a resumed run computes each
+    latent in exactly the batch it would have had (bit-identical x0)."""
+    from tqdm.auto import tqdm
+
+    from .serialization import atomic_write
+
+    n, size = target_embeds.shape[0], sampling.batch_size
+    paths = [Path(cache_dir) / f"{i:05d}.pt" for i in range(n)] if cache_dir is not None else [None] * n
+    latents = [torch.load(p, weights_only=True) if p is not None and p.is_file() else None for p in paths]
+    batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    todo = [batch for batch in batches if any(latents[i] is None for i in batch)]
+    if todo and cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    done = n - sum(len(batch) for batch in todo)
+    with erasers_disabled(pipe.transformer), tqdm(total=n, initial=done, desc="x0 generation", unit="prompt",
+                                                    dynamic_ncols=True, disable=not todo) as bar:
+        for batch in todo:
+            generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]
+            out = _generate(pipe, target_embeds[batch], empty, video, sampling, generators, device).cpu()
+            for i, latent in zip(batch, out):
+                latents[i] = latent.clone()
+                if paths[i] is not None:
+                    atomic_write(paths[i], lambda tmp, value=latents[i]: torch.save(value, tmp))
+            bar.update(len(batch))
+    return torch.stack(latents)
 
 
 def renoise(scheduler, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,13 @@ it as `**kwargs`. Our own metadata goes to a sidecar, `lowmem_eraser.json`. Ever
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +23,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapter import COGVIDEOX_ERASER_KEY, EraserSet, attach_erasers, get_erasers
-from .errors import EraserFormatError
+from .adapter import COGVIDEOX_ERASER_KEY, EraserSet, attach_erasers, foreign_erasers, get_erasers
+from .errors import EraserFormatError, WriteError
 
 WEIGHTS_PT = "eraser_weights.pt"
 WEIGHTS_SAFETENSORS = "eraser_weights.safetensors"
@@ -55,16 +59,55 @@ class EraserFile:
         return next(iter(self.state.values()))["down.weight"].dtype
 
 
+_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """`exc` as one line naming `path` and the cause (disk full, permission denied, read-only, ...)."""
+    cause = _CAUSES.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
+    error = WriteError(f"{path}: cannot write: {cause}")
+    error.errno = exc.errno  # kept for callers that look at it; the message stays the one line above
+    return error
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: a crash never truncates `path`."""
+    """Write through a temp file in the same folder, then rename: a crash never truncates `path`.
+
+    A failed write raises WriteError naming `path` and the cause; the temp file is always removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    except RuntimeError as exc:
+        # torch.save(obj, path) writes through its C++ zip writer, which reports ENOSPC as a RuntimeError
+        # ("[enforce fail at inline_container.cc ...] unexpected pos") with no errno: tell the user what we can.
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        cause = "disk full" if free < 64 * 2**20 else "write failed"
+        raise WriteError(f"{path}: cannot write: {cause} ({free / 2**20:.0f} MiB free)") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_folder(folder: str | os.PathLike, field: str) -> Path:
+    """Create `folder` if needed and prove it writable with a probe file, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        cause = _CAUSES.get(exc.errno) or exc.strerror or str(exc)
+        raise WriteError(f"{field}: cannot write to folder {folder}: {cause}") from exc
+    return folder
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -117,6 +160,17 @@ def _read_raw(path: Path) -> dict:
     except EraserFormatError:
         raise
     except Exception as exc:  # torch/pickle/safetensors raise many types for truncated or hostile files
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+            # torch's message advises retrying with weights_only=False, i.e. running the file's code: never
+            # pass that on. Keep only the line saying which object was refused.
+            detail = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+            if not any("GLOBAL" in line or "global" in line for line in detail):  # garbage, not a hostile pickle
+                raise EraserFormatError(f"{path}: not a readable eraser weights file (not a torch checkpoint: "
+                                        "corrupt, truncated or another format)") from None
+            raise EraserFormatError(
+                f"{path}: not a readable eraser weights file: refused because it contains code or Python objects, "
+                f"not plain tensors ({detail[0]})"
+            ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EraserFormatError(f"{path}: not a readable eraser weights file ({first_line})") from exc
 
@@ -133,7 +187,7 @@ def _read_json(path: Path) -> dict | None:
     return obj
 
 
-def _validate_block(path: Path, key: str, inners: object) -> tuple[int, int]:
+def _validate_block(path: Path, key: str, inners: object, allow_nonfinite: bool = False) -> tuple[int, int]:
     """Check one block's inner dict; returns (rank, dim)."""
     if not isinstance(inners, dict):
         raise EraserFormatError(f"{path}: {key!r} holds a {type(inners).__name__}, expected a dict of tensors")
@@ -154,13 +208,15 @@ def _validate_block(path: Path, key: str, inners: object) -> tuple[int, int]:
         if list(inners[inner].shape) != shape:
             raise EraserFormatError(f"{path}: {key}.{inner} has shape {list(inners[inner].shape)}, expected {shape}")
     for inner in INNER_KEYS:
-        if not torch.isfinite(inners[inner]).all():
+        if not allow_nonfinite and not torch.isfinite(inners[inner]).all():
             raise EraserFormatError(f"{path}: {key}.{inner} contains NaN or Inf")
     return rank, dim
 
 
-def read_erasers(path: str | os.PathLike) -> EraserFile:
-    """Read and validate an eraser folder or weights file (.pt or .safetensors) of any published family."""
+def read_erasers(path: str | os.PathLike, allow_nonfinite: bool = False) -> EraserFile:
+    """Read and validate an eraser folder or weights file (.pt or .safetensors) of any published family.
+
+    `allow_nonfinite` lets NaN/Inf through (for `inspect`, which reports them); loading never does."""
     weights_path = _resolve_weights(Path(path))
     state = _read_raw(weights_path)
     if not isinstance(state, dict) or not state:
@@ -175,7 +231,7 @@ def read_erasers(path: str | os.PathLike) -> EraserFile:
         if family is not None and key_family != family:
             raise EraserFormatError(f"{weights_path}: {key!r} is a {key_family} block in a {family} file")
         family = key_family
-        block_rank, dims[key] = _validate_block(weights_path, key, inners)
+        block_rank, dims[key] = _validate_block(weights_path, key, inners, allow_nonfinite)
         if rank is not None and block_rank != rank:
             raise EraserFormatError(f"{weights_path}: {key} has rank {block_rank}, other blocks have rank {rank}")
         rank = block_rank
@@ -184,9 +240,15 @@ def read_erasers(path: str | os.PathLike) -> EraserFile:
         config_path = weights_path.parent / CONFIG_JSON
         if config.get("eraser_type", "adapter") != "adapter":
             raise EraserFormatError(f"{config_path}: eraser_type is {config['eraser_type']!r}, expected 'adapter'")
-        if "eraser_rank" in config and config["eraser_rank"] != rank:
+        config_rank = config.get("eraser_rank", rank)
+        if isinstance(config_rank, bool) or not isinstance(config_rank, int):  # the published loader needs an int
             raise EraserFormatError(
-                f"{config_path}: eraser_rank is {config['eraser_rank']!r} but the tensors in {weights_path.name} have rank {rank}"
+                f"{config_path}: eraser_rank must be an integer, got {config_rank!r} ({type(config_rank).__name__}); "
+                f"the tensors in {weights_path.name} have rank {rank}"
+            )
+        if config_rank != rank:
+            raise EraserFormatError(
+                f"{config_path}: eraser_rank is {config_rank} but the tensors in {weights_path.name} have rank {rank}"
             )
     sidecar = _read_json(weights_path.parent / SIDECAR_JSON)
     return EraserFile(weights_path, state, family, rank, config, sidecar, dims)
@@ -241,11 +303,21 @@ def save_erasers(
 def write_weights(state: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
     """Atomically write a nested eraser state as .pt (published layout) or .safetensors (flat keys)."""
     if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: safetensors.torch.save_file(_flatten(state), str(tmp), metadata={"format": "pt"}))
+        # safetensors refuses tensors that share storage (views of one tensor, as torch.save keeps them):
+        # give every tensor its own contiguous copy (an eraser is small).
+        flat = {key: tensor.detach().clone(memory_format=torch.contiguous_format) for key, tensor in _flatten(state).items()}
+        # Written through Python's file API (here and below) so that a full disk is an OSError with its errno.
+        data = safetensors.torch.save(flat, metadata={"format": "pt"})
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
     elif path.suffix == ".pt":
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: _torch_save(state, tmp))
     else:
         raise EraserFormatError(f"{path}: eraser weights must end in .pt or .safetensors")
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as handle:  # not torch.save(obj, path): its C++ writer loses the errno
+        torch.save(obj, handle)
 
 
 def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool = True) -> EraserSet:
@@ -258,6 +330,12 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
     where = eraser_file.weights_path
     if eraser_file.family != "CogVideoX":
         raise EraserFormatError(f"{where}: this is a {eraser_file.family} eraser, not a CogVideoX one")
+    foreign = foreign_erasers(transformer)
+    if foreign is not None:
+        raise EraserFormatError(
+            f"{where}: cannot load into this transformer: it already carries an eraser injected by other code "
+            f"({foreign}); load into a plain CogVideoXTransformer3DModel (load_erasers attaches its own)"
+        )
     blocks = transformer.transformer_blocks
     expected = [COGVIDEOX_ERASER_KEY.format(i) for i in range(len(blocks))]
     if strict:

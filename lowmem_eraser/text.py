@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .loading import from_pretrained_or_error
 from .localization import concept_token_mask
 from .serialization import atomic_write
 
@@ -35,12 +36,16 @@ def _files_fingerprint(folder: Path) -> list:
 
 
 def cache_key(model_dir: Path, pairs: list[tuple[str, str]], concept: str, max_length: int, dtype: torch.dtype) -> str:
+    return _fingerprint_hash(model_dir, max_length, dtype, pairs=pairs, concept=concept)
+
+
+def _fingerprint_hash(model_dir: Path, max_length: int, dtype: torch.dtype, **content) -> str:
+    """Hash of the encoder/tokenizer files, `content` (the prompts) and the settings: the cache file's key."""
     fingerprint = {
         "model": str(Path(model_dir).resolve()),
         "text_encoder": _files_fingerprint(Path(model_dir) / "text_encoder"),
         "tokenizer": _files_fingerprint(Path(model_dir) / "tokenizer"),
-        "pairs": pairs,
-        "concept": concept,
+        **content,
         "max_length": max_length,
         "dtype": str(dtype),
     }
@@ -51,8 +56,9 @@ def _encode(model_dir: Path, prompts: list[str], concept: str, targets: int, max
     from diffusers import CogVideoXPipeline
     from transformers import AutoTokenizer, T5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device).eval()
+    tokenizer = from_pretrained_or_error(AutoTokenizer, model_dir / "tokenizer")
+    text_encoder = from_pretrained_or_error(T5EncoderModel, model_dir / "text_encoder", torch_dtype=dtype)
+    text_encoder = text_encoder.to(device).eval()
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
     with torch.no_grad():
         chunks = [
@@ -65,7 +71,7 @@ def _encode(model_dir: Path, prompts: list[str], concept: str, targets: int, max
             )[0].cpu()
             for i in range(0, len(prompts), batch_size)
         ]
-    concept_tokens = concept_token_mask(tokenizer, prompts[:targets], concept, max_length)
+    concept_tokens = concept_token_mask(tokenizer, prompts[:targets], concept, max_length) if targets else None
     return torch.cat(chunks), concept_tokens
 
 
@@ -120,3 +126,29 @@ def encode_prompts(
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda tmp: torch.save(asdict(result), tmp))
     return result
+
+
+def encode_texts(
+    model_dir: str | Path,
+    prompts: list[str],
+    max_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache_dir: str | Path,
+    batch_size: int = 8,
+    placement: str = "auto",
+) -> torch.Tensor:
+    """Embeddings [n, L, D] (on CPU) of a plain list of prompts (e.g. validation prompts), encoded and cached
+    exactly like `encode_prompts`' (same encoder pass, same cache folder, its own key)."""
+    model_dir = Path(model_dir)
+    cache = Path(cache_dir) / f"texts-{_fingerprint_hash(model_dir, max_length, dtype, prompts=list(prompts))}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    device = encoder_device(placement, torch.device(device), model_dir, len(prompts), max_length, dtype)
+    embeddings, _ = _encode(model_dir, list(prompts), "", 0, max_length, dtype, device, batch_size)
+    gc.collect()  # as in encode_prompts: the encoder is gone, give its memory back now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, lambda tmp: torch.save(embeddings, tmp))
+    return embeddings

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -23,17 +25,23 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from . import runfolder
 from .adapter import attach_erasers, erasers_disabled
 from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
 from .errors import LowmemEraserError
+from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
 from .memory import MemoryMeter, configure_cuda_allocator
 from .offload import BlockOffloader
 from .quantize import quantize_base, resolve_backend
 from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
 from .serialization import atomic_write, save_erasers
+from .plots import plot_losses
 from .text import cache_key, encode_prompts
+from .tracking import make_tracker
+from .validation import encode_validation_prompts, run_validation
 
+logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before giving up
 
@@ -46,7 +54,7 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
     """The one frozen base: loaded on CPU, optionally quantised there, then moved (or streamed) to `device`."""
     from diffusers import CogVideoXTransformer3DModel
 
-    transformer = CogVideoXTransformer3DModel.from_pretrained(config.model / "transformer", torch_dtype=dtype)
+    transformer = from_pretrained_or_error(CogVideoXTransformer3DModel, config.model / "transformer", torch_dtype=dtype)
     transformer.requires_grad_(False)
     if config.memory.quantize != "none":
         quantize_base(transformer, backend=resolve_backend(config.memory.quantize, device))
@@ -67,8 +75,9 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
 def load_scheduler(model: Path):
     import diffusers
 
-    scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
-    return getattr(diffusers, scheduler_config["_class_name"]).from_pretrained(model / "scheduler")
+    with model_files(model / "scheduler", "scheduler"):
+        scheduler_config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+        return getattr(diffusers, scheduler_config["_class_name"]).from_pretrained(model / "scheduler")
 
 
 def lr_factor(train: TrainLoopConfig, step: int) -> float:
@@ -104,7 +113,8 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
         else:
             v_c = velocity(transformer, x_t, t, c, rotary)
         v_anchor = velocity(transformer, x_t, t, c_pre if anchored else empty, rotary)
-        v_neg = (v_anchor - loss_cfg.eta * (v_c - v_anchor)).float()
+        v_anchor = v_anchor.float()  # fp32 before the difference: eta amplifies its rounding error
+        v_neg = v_anchor - loss_cfg.eta * (v_c.float() - v_anchor)
         del v_c
         v_pre = None
         if loss_cfg.beta > 0:
@@ -140,8 +150,8 @@ def cached(path: Path, make):
     return value
 
 
-def save_training_state(folder: Path, step: int, erasers, optimizer, generator, bad_steps: int) -> None:
-    """Everything a bit-exact resume needs, in ONE atomically written file (plus the published eraser)."""
+def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run: dict) -> dict:
+    """Everything a bit-exact resume needs (`run`: the fingerprint and config it was trained with)."""
     state = {
         "step": step,
         "erasers": erasers.state_dict(),
@@ -149,20 +159,26 @@ def save_training_state(folder: Path, step: int, erasers, optimizer, generator, 
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "bad_steps": bad_steps,
+        **run,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "training_state.pt", lambda tmp: torch.save(state, tmp))
-    save_erasers(erasers, folder, metadata={"step": step})
+    return state
 
 
-def load_training_state(folder: Path, erasers, optimizer, generator) -> tuple[int, int]:
-    path = folder / "training_state.pt"
-    if not path.is_file():
-        raise TrainingError(f"--resume: {path} not found (no checkpoint to resume from)")
-    state = torch.load(path, weights_only=True)
-    erasers.load_state_dict(state["erasers"])
+def save_checkpoint(out: Path, step: int, erasers, optimizer, generator, bad_steps: int, run: dict, keep: int):
+    """`checkpoint/step-N/` = training_state.pt + the published eraser, as one unit (runfolder.save_checkpoint)."""
+    state = training_state(step, erasers, optimizer, generator, bad_steps, run)
+    return runfolder.save_checkpoint(out, step, state, lambda folder: save_erasers(erasers, folder,
+                                                                                   metadata={"step": step}), keep)
+
+
+def restore(state: dict, erasers, optimizer, generator) -> tuple[int, int]:
+    try:
+        erasers.load_state_dict(state["erasers"])
+    except RuntimeError as exc:
+        raise TrainingError(f"--resume: the checkpoint's erasers do not fit this model/rank: "
+                            f"{str(exc).splitlines()[0]}") from None
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
@@ -171,77 +187,105 @@ def load_training_state(folder: Path, erasers, optimizer, generator) -> tuple[in
     return state["step"], state["bad_steps"]
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train an eraser as configured; returns the output folder (published eraser format + sidecar).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "unlearn", "loc", "pre"):
-        if any(row[key] for row in rows):
-            ax.plot([row["step"] for row in rows], [row[key] for row in rows], label=key)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Train an eraser as configured; returns the output folder (published eraser format + sidecar)."""
+    The folder is locked for the run; a folder that holds a run needs `resume` or `overwrite`. A stop signal
+    (Ctrl-C, SIGTERM, SIGHUP) ends the run with `TrainingInterrupted` after saving what can be resumed."""
     validate(config)
     configure_cuda_allocator()  # before anything touches CUDA
+    out = Path(config.output_dir)
+    lock = runfolder.prepare(out, resume, overwrite)
+    try:
+        with runfolder.StopSignals() as signals:
+            return _train(config, resume, out, signals)
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, resume: bool, out: Path, signals) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.memory.dtype]
-    loss_cfg, loop, video = config.loss, config.train, config.video
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     pairs = load_prompt_pairs(config.prompts)
+    run = {"fingerprint": runfolder.fingerprint(config.to_dict(), pairs), "config": config.to_dict()}
+    checkpoint = None
+    if resume:
+        checkpoint, folder = runfolder.load_checkpoint(out)
+        runfolder.check_resume(checkpoint.get("fingerprint"), run["fingerprint"], checkpoint["step"],
+                               config.train.steps)
+        _log_safe_changes(checkpoint.get("config"), run["config"])
+        logger.info("resuming from %s (step %d)", folder, checkpoint["step"])
+    # a missing tracking package fails here, before any work; on resume it drops the events of the redone steps
+    tracker = make_tracker(config.report_to, out, config.to_dict(), start_step=checkpoint["step"] if checkpoint else 0)
+    try:
+        return _run(config, resume, out, signals, device, dtype, pairs, run, tracker, checkpoint)
+    finally:
+        tracker.close()
+
+
+def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, pairs, run: dict, tracker,
+         checkpoint: dict | None) -> Path:
+    loss_cfg, loop, video = config.loss, config.train, config.video
+    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
     torch.manual_seed(loop.seed)
+    phase = "text encoding"
+    try:
+        # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
+        from diffusers import CogVideoXTransformer3DModel
 
-    # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
-    from diffusers import CogVideoXTransformer3DModel
+        max_length = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["max_text_seq_length"]
+        text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache",
+                              placement=config.memory.text_encoder)
+        validation = config.validation
+        if validation.every > 0:  # encoded now: the text encoder is gone once training runs
+            validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype, device,
+                                                        out / "cache", placement=config.memory.text_encoder)
+        if loss_cfg.alpha > 0 and not text.concept_tokens.any(dim=1).all():
+            missing = int((~text.concept_tokens.any(dim=1)).sum())
+            logger.warning("the concept %r has no tokens in %d of %d target prompts", config.concept, missing,
+                           len(pairs))
 
-    max_length = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["max_text_seq_length"]
-    text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache",
-                          placement=config.memory.text_encoder)
-    if loss_cfg.alpha > 0 and not text.concept_tokens.any(dim=1).all():
-        missing = int((~text.concept_tokens.any(dim=1)).sum())
-        tqdm.write(f"note: the concept {config.concept!r} has no tokens in {missing} of {len(pairs)} target prompts")
+        # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
+        phase = "loading the transformer"
+        transformer = load_transformer(config, dtype, device)
+        erasers = attach_erasers(transformer, rank=config.eraser.rank)
+        erasers.to(device)
+        erasers.kernels = config.memory.kernels
+        scheduler = load_scheduler(config.model)
+        pipe = make_pipeline(transformer, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        rotary = rotary_embeddings(pipe, video, device)
+        frames = latent_frames(video.frames)
 
-    # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
-    transformer = load_transformer(config, dtype, device)
-    erasers = attach_erasers(transformer, rank=config.eraser.rank)
-    erasers.to(device)
-    erasers.kernels = config.memory.kernels
-    scheduler = load_scheduler(config.model)
-    pipe = make_pipeline(transformer, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    rotary = rotary_embeddings(pipe, video, device)
-    frames = latent_frames(video.frames)
-
-    # 3. x0 for `renoise`: one sample per target prompt from the frozen model, generated once and cached.
-    if config.sampling.mode == "renoise":
-        sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
-        settings = [cache_key(config.model, pairs, config.concept, max_length, dtype), loop.seed,
-                    sampling, config.to_dict()["video"], config.memory.quantize]
-        x0_path = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}.pt"
-        x0 = cached(x0_path, lambda: generate_clean_latents(
-            pipe, text.target, text.empty, video, config.sampling, loop.seed, device))
+        # 3. x0 for `renoise`: one sample per target prompt from the frozen model, each cached as soon as it exists.
+        if config.sampling.mode == "renoise":
+            phase = "x0 generation"
+            sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
+            settings = [cache_key(config.model, pairs, config.concept, max_length, dtype), loop.seed,
+                        sampling, config.to_dict()["video"], config.memory.quantize]
+            x0_dir = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}"
+            x0 = generate_clean_latents(pipe, text.target, text.empty, video, config.sampling, loop.seed, device,
+                                        cache_dir=x0_dir)
+    except (runfolder.Stop, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, runfolder.Stop) else signal.SIGINT
+        raise runfolder.TrainingInterrupted(
+            f"interrupted during {phase}: what is done is cached in {out / 'cache'} (text embeddings, every "
+            f"finished x0); run the same command again{' with --resume' if resume else ' with --overwrite'} "
+            "to continue from there", signum) from None
 
     # 4. Optimiser on the fp32 adapter parameters only; all sampling randomness from one saved generator.
     optimizer = torch.optim.AdamW(erasers.parameters(), lr=loop.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(loop.seed)
     start, bad_steps = 0, 0
-    if resume:
-        start, bad_steps = load_training_state(out / "checkpoint", erasers, optimizer, generator)
+    if checkpoint is not None:
+        start, bad_steps = restore(checkpoint, erasers, optimizer, generator)
     metrics_path = out / "metrics.jsonl"
     kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
-    metrics_path.write_text("".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start))
+    atomic_write(metrics_path, lambda tmp: tmp.write_text(
+        "".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start)))
+
+    def checkpoint_now(step_count: int):
+        return save_checkpoint(out, step_count, erasers, optimizer, generator, bad_steps, run, loop.keep_checkpoints)
 
     done = step = start  # steps completed, step in progress
     step_rng = generator.get_state()
@@ -282,38 +326,67 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                         )
                 else:
                     bad_steps = 0
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with signals.deferred():  # the update, the metrics row and a checkpoint are one unit
+                    if not skipped:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-                seconds = time.perf_counter() - began
-                row = {
-                    "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
-                    "pre": pre.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                    "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
-                }
-                if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
-                    row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
-                if step % loop.log_every == 0 or step == loop.steps - 1:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
+                    seconds = time.perf_counter() - began
+                    row = {
+                        "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
+                        "pre": pre.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                        "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
+                    }
+                    if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
+                        row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
+                    if step % loop.log_every == 0 or step == loop.steps - 1:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        tracker.log(row, step)
+                    done = step + 1
+                    if done % loop.save_every == 0 and done < loop.steps:
+                        checkpoint_now(done)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", unlearn=f"{row['unlearn']:.4g}", loc=f"{row['loc']:.3g}",
                                 pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
-                done = step + 1
-                if done % loop.save_every == 0 and done < loop.steps:
-                    save_training_state(out / "checkpoint", done, erasers, optimizer, generator, bad_steps)
-    except KeyboardInterrupt:
+                if validation.every > 0 and (done % validation.every == 0 or done == loop.steps):
+                    numbers = run_validation(transformer, scheduler, validation_text, text.empty, validation, video,
+                                             config.model, out, done, tracker, device=device, concept=config.concept)
+                    tracker.log(numbers, done)
+                    logger.info("validation at step %d: %s", done, ", ".join(
+                        f"{k.removeprefix('validation/')} {v:.3g}" for k, v in numbers.items()))
+    except (runfolder.Stop, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, runfolder.Stop) else signal.SIGINT
         if done == step:  # interrupted inside a step (before its update): rewind its random draws
             generator.set_state(step_rng)
-        save_training_state(out / "checkpoint", done, erasers, optimizer, generator, bad_steps)
-        tqdm.write(f"interrupted after {done} steps: checkpoint saved; continue with --resume")
-        return out
+        optimizer.zero_grad(set_to_none=True)
+        with signals.deferred(swallow=True):  # a second signal during this save is ignored
+            folder = checkpoint_now(done)
+        raise runfolder.TrainingInterrupted(
+            f"interrupted at step {done} of {loop.steps}: checkpoint saved in {folder}; the eraser is not "
+            "finished; continue with --resume", signum) from None
     finally:
         bar.close()
 
-    save_training_state(out / "checkpoint", loop.steps, erasers, optimizer, generator, bad_steps)
-    metadata = {"concept": config.concept, "eta": loss_cfg.eta, "alpha": loss_cfg.alpha, "beta": loss_cfg.beta,
-                "steps": loop.steps, "config": config.to_dict()}
-    save_erasers(erasers, out, metadata=metadata)
+    with signals.deferred():
+        checkpoint_now(loop.steps)
+        metadata = {"concept": config.concept, "eta": loss_cfg.eta, "alpha": loss_cfg.alpha, "beta": loss_cfg.beta,
+                    "steps": loop.steps, "config": config.to_dict()}
+        save_erasers(erasers, out, metadata=metadata)
     if metrics_path.stat().st_size:
         plot_losses(metrics_path, out / "loss.png")
+        tracker.log_media("loss", out / "loss.png", loop.steps)
     return out
+
+
+def _log_safe_changes(saved: dict | None, current: dict) -> None:
+    """Resume: the config fields that changed but do not change the result (e.g. train.steps to extend)."""
+    if not saved:
+        return
+    for section, values in current.items():
+        old = saved.get(section)
+        if isinstance(values, dict) and isinstance(old, dict):
+            for name, value in values.items():
+                if old.get(name) != value:
+                    logger.info("--resume: %s.%s changed %r -> %r", section, name, old.get(name), value)
+        elif old != values:
+            logger.info("--resume: %s changed %r -> %r", section, old, values)

@@ -1,5 +1,7 @@
+import json
 import re
 import shutil
+import typing
 import warnings
 from pathlib import Path
 
@@ -248,3 +250,73 @@ def test_shipped_configs_fit_the_full_size_model_built_on_meta(name, tmp_path):
     assert (config.video.height // 8, config.video.width // 8) == (cfg["sample_height"], cfg["sample_width"])
     erasers = attach_erasers(transformer, rank=config.eraser.rank)
     assert sum(p.numel() for p in erasers.parameters()) == eraser_params  # SPEC §1
+
+
+# --- input checks before any work (issue 11, item 8) ---
+
+LATIN1 = "prompt,normal prompt\nun caf\u00e9 nu,un caf\u00e9\n".encode("latin-1")  # 0xe9: not UTF-8
+
+
+@pytest.mark.parametrize("which", ["config", "csv", "yaml"])
+def test_non_utf8_files_are_one_error_naming_the_file(config_file, which):
+    folder = config_file.parent
+    if which == "config":
+        bad = config_file
+        bad.write_bytes(config_file.read_text().replace("concept: nudity", "concept: nudit\u00e9").encode("latin-1"))
+    elif which == "csv":
+        bad = folder / "pairs.csv"
+        bad.write_bytes(LATIN1)
+    else:
+        bad = folder / "pairs.yaml"
+        bad.write_bytes('- ["caf\u00e9 nudity", "caf\u00e9"]\n'.encode("latin-1"))
+        write_config(folder, {"prompts": str(bad)})
+    field = "config" if which == "config" else "prompts"
+    with pytest.raises(ConfigError, match=rf"^{field}: {re.escape(str(bad))} is not UTF-8 text \(byte 0xe9 on line \d+\)"):
+        load_config(config_file)
+
+
+def test_non_utf8_config_through_the_cli_is_one_line(config_file, capsys):
+    from lowmem_eraser.cli import main as cli_main
+
+    config_file.write_bytes(b"concept: nudit\xe9\n")
+    for command in (["train", "--config", str(config_file)],
+                    ["eval", "--config", str(config_file), "--eraser", str(config_file.parent)]):
+        assert cli_main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{config_file} is not UTF-8 text" in err, err
+
+
+def _with_transformer_config(config_file, heads=2, head_dim=16):
+    (config_file.parent / "model" / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "CogVideoXTransformer3DModel", "num_attention_heads": heads, "attention_head_dim": head_dim})
+    )
+
+
+def test_rank_above_the_models_attention_dim_is_refused(config_file):
+    _with_transformer_config(config_file)  # dim 2 * 16 = 32
+    with pytest.raises(ConfigError, match=r"^eraser\.rank: expected at most the model's attention dim 32 .* got 128$"):
+        load_config(config_file)
+    with pytest.raises(ConfigError, match="eraser.rank"):
+        load_config(config_file, ["eraser.rank=100000"])
+    assert load_config(config_file, ["eraser.rank=32"]).eraser.rank == 32
+
+
+def test_rank_bound_is_skipped_when_the_transformer_config_is_unreadable(config_file):
+    assert load_config(config_file).eraser.rank == 128  # no config.json: the model loader reports it
+    (config_file.parent / "model" / "transformer" / "config.json").write_text("{garbage")
+    assert load_config(config_file).eraser.rank == 128
+
+
+def test_configs_readme_lists_every_field_and_is_up_to_date():
+    from dataclasses import fields, is_dataclass
+
+    text = (Path(__file__).parents[1] / "configs" / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([^|]+)` \|", text, flags=re.M))
+    listed = {name for cell in listed for name in re.findall(r"[\w.]+", cell.replace("`, `", " "))}
+    hints = typing.get_type_hints(TrainConfig)
+    expected = set()
+    for spec in fields(TrainConfig):
+        kind = hints[spec.name]
+        expected |= {f"{spec.name}.{sub.name}" for sub in fields(kind)} if is_dataclass(kind) else {spec.name}
+    assert expected - listed == set(), f"configs/README.md does not document {sorted(expected - listed)}"
+    assert "not yet measured" not in text

@@ -117,3 +117,95 @@ def test_plain_and_tiled_decode_peaks_are_simulated_from_the_vae_config():
     tiled = vae_decode_peak({}, shape, torch.bfloat16, tiled=True)
     print(f"decode peak: plain {plain / 2**30:.2f} GiB, tiled {tiled / 2**30:.2f} GiB")
     assert 8 * 2**30 < plain < 24 * 2**30 and tiled < plain / 2
+
+
+# --- every argument checked before the model loads; broken model files named (issue 11, item 8) ---
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # not the libraries' progress bars
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith(f"lowmem-eraser {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--steps", "0", "--steps: expected at least 1, got 0"),
+        ("--steps", "-2", "--steps: expected at least 1, got -2"),
+        ("--strength", "nan", "--strength: expected a finite number, got nan"),
+        ("--strength", "inf", "--strength: expected a finite number, got inf"),
+    ],
+)
+def test_infer_refuses_bad_arguments_before_loading_the_model(vae_model, tmp_path, capsys, monkeypatch, flag, value,
+                                                              message):
+    import lowmem_eraser.infer
+
+    monkeypatch.setattr(lowmem_eraser.infer, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    args = _args(vae_model, tmp_path / "out.gif")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert cli_main(args) == 2
+    assert message in _one_error_line(capsys, "infer")
+    assert not (tmp_path / "out.gif").exists()
+
+
+def test_infer_output_folder_is_created_or_refused_before_loading(vae_model, tmp_path, capsys, monkeypatch):
+    import lowmem_eraser.infer
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(lowmem_eraser.infer, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    assert cli_main(_args(vae_model, tmp_path / "a_file" / "out.gif")) == 2
+    assert f"--output: cannot write to folder {tmp_path / 'a_file'}" in _one_error_line(capsys, "infer")
+    monkeypatch.undo()
+    assert cli_main(_args(vae_model, tmp_path / "new" / "deeper" / "out.gif", "--frames", "9")) == 0
+    assert (tmp_path / "new" / "deeper" / "out.gif").is_file()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BROKEN_FILES = {
+    "transformer/diffusion_pytorch_model.safetensors": _truncate,
+    "transformer/config.json": lambda path: path.write_text("{garbage"),
+    "text_encoder/model.safetensors": lambda path: path.write_bytes(path.read_bytes()[:100]),
+    "text_encoder/config.json": lambda path: path.write_text("not json"),
+    "tokenizer/tokenizer.json": lambda path: path.write_text("{bad"),
+    "scheduler/scheduler_config.json": lambda path: path.write_text("]"),
+    "vae/diffusion_pytorch_model.safetensors": _truncate,
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_FILES))
+def test_a_corrupt_model_file_is_named_in_one_line(vae_model, tmp_path, capsys, broken):
+    import shutil
+
+    model = shutil.copytree(vae_model / "model", tmp_path / "model")
+    BROKEN_FILES[broken](model / broken)
+    args = _args(vae_model, tmp_path / "out.gif")
+    args[args.index("--model") + 1] = str(model)
+    assert cli_main(args) == 2
+    line = _one_error_line(capsys, "infer")
+    assert f"error: {model / broken}: cannot load the " in line, line
+
+
+def test_from_pretrained_or_error_for_the_training_loaders(vae_model, tmp_path):
+    """The helper train.py's load_transformer and text.py's _encode call."""
+    import shutil
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    from lowmem_eraser.errors import ModelFileError
+    from lowmem_eraser.loading import from_pretrained_or_error
+
+    model = shutil.copytree(vae_model / "model", tmp_path / "model")
+    loaded = from_pretrained_or_error(CogVideoXTransformer3DModel, model / "transformer", torch_dtype=torch.float32)
+    assert isinstance(loaded, CogVideoXTransformer3DModel)
+    _truncate(model / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFileError, match=r"diffusion_pytorch_model\.safetensors: cannot load the "
+                                             r"CogVideoXTransformer3DModel: not a valid safetensors file"):
+        from_pretrained_or_error(CogVideoXTransformer3DModel, model / "transformer")

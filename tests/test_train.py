@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from lowmem_eraser import load_erasers
+from lowmem_eraser import LowmemEraserError, load_erasers
 from lowmem_eraser.cli import main as cli_main
 from lowmem_eraser.config import TrainConfig, load_config
 from lowmem_eraser.tiny import build_tiny_cogvideox
@@ -58,7 +58,7 @@ def test_train_cli_end_to_end(tiny_model, tmp_path):
     assert cli_main(["train", "--config", str(config), "--set", "train.steps=3", "--set", "memory.kernels=auto"]) == 0
     out = tmp_path / "run"
     for name in ("eraser_weights.pt", "eraser_config.json", "lowmem_eraser.json", "metrics.jsonl", "loss.png",
-                 "config.yaml", "checkpoint/training_state.pt"):
+                 "config.yaml", "checkpoint/step-000003/training_state.pt"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]
@@ -81,7 +81,8 @@ def _eval_velocities(tiny_model, out):
 
     text = next((out / "cache").glob("text-*.pt"))
     text = torch.load(text, weights_only=True)
-    x0 = torch.load(next((out / "cache").glob("x0-*.pt")), weights_only=True)
+    x0_dir = next((out / "cache").glob("x0-*"))  # one file per prompt
+    x0 = torch.stack([torch.load(path, weights_only=True) for path in sorted(x0_dir.glob("*.pt"))])
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model / "model" / "transformer")
     load_erasers(transformer, out)
     scheduler = train_module.load_scheduler(tiny_model / "model")
@@ -139,9 +140,10 @@ def test_ctrl_c_saves_and_resume_is_bit_exact(tiny_model, tmp_path, monkeypatch)
     passes_per_step = 5  # teacher c, ∅, c_pre; student c, c_pre
     with monkeypatch.context() as patch:
         _interrupt_at_call(patch, 7 * passes_per_step + 2)  # inside step 7, before its update
-        assert cli_main(["train", "--config", str(tmp_path / "resumed.yaml")]) == 0
-    state = torch.load(tmp_path / "resumed" / "checkpoint" / "training_state.pt", weights_only=True)
+        assert cli_main(["train", "--config", str(tmp_path / "resumed.yaml")]) == 130  # 128 + SIGINT
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "step-000007" / "training_state.pt", weights_only=True)
     assert state["step"] == 7
+    assert not (tmp_path / "resumed" / "eraser_weights.pt").exists()  # an interrupted run has no final eraser
     train(config, resume=True)
     a = torch.load(straight / "eraser_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "eraser_weights.pt", weights_only=True)
@@ -173,7 +175,7 @@ def test_nan_guard_skips_steps_and_aborts_after_ten_in_a_row(tiny_model, tmp_pat
                                      loss={"beta": 0.0}))
     with pytest.raises(TrainingError, match="non-finite 10 steps in a row"):
         train(config)
-    state = torch.load(tmp_path / "nan" / "checkpoint" / "training_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "nan" / "checkpoint" / "step-000005" / "training_state.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["erasers"].values())
     assert all(t.abs().sum() == 0 for name, t in state["erasers"].items() if ".up." in name)  # never updated
     assert not (tmp_path / "nan" / "eraser_weights.pt").exists()
@@ -241,12 +243,12 @@ def test_trajectory_sampling_and_cpu_offload_notice(tiny_model, tmp_path, capsys
                          memory={"offload": "blocks"})
     out = train(load_config(config))
     assert "offload: blocks needs CUDA" in capsys.readouterr().out
-    assert not list((out / "cache").glob("x0-*.pt"))  # trajectory never builds the x0 cache
+    assert not list((out / "cache").glob("x0-*"))  # trajectory never builds the x0 cache
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_model, tmp_path):
-    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+    with pytest.raises(LowmemEraserError, match="no checkpoint to resume from"):
         train(load_config(make_config(tiny_model, tmp_path / "fresh")), resume=True)
 
 
