@@ -20,7 +20,12 @@ class MissingDependencyError(LowmemEraserError, ImportError):
 class WriteError(LowmemEraserError, OSError):
     """A file could not be written (disk full, permission, read-only); names the file and the cause.
 
-    Also an OSError, so code that already catches OSError around a save keeps working."""
+    Also an OSError, so code that already catches OSError around a save keeps working. `path` and `cause`
+    let a caller put the same facts in its own words (the checkpoint save does)."""
+
+    def __init__(self, message: str, path=None, cause: str = ""):
+        super().__init__(message)
+        self.path, self.cause = path, cause
 
 
 class ModelFileError(LowmemEraserError):

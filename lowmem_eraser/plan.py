@@ -40,7 +40,7 @@ from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings
 from .stages import (  # noqa: F401 -- default_dtype is also used from here by bench/ and tests
-    ALLOCATOR_SLACK, default_dtype, CUDA_CONTEXT_BYTES, Stage, needed_bytes, text_encoder_config, text_stage, vae_bytes, vae_config,
+    ALLOCATOR_SLACK, SIM_DEPTHS, default_dtype, extrapolate_depth, CUDA_CONTEXT_BYTES, Stage, needed_bytes, text_encoder_config, text_stage, vae_bytes, vae_config,
     vae_decode_peak,
 )
 from .train import eraser_losses_backward, velocity
@@ -53,7 +53,6 @@ PRESETS = {
         num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True
     ),
 }
-SIM_DEPTHS = (2, 3)  # from 2 blocks on, the peak sits in the last block's backward (1 block has no input grad)
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -395,9 +394,7 @@ class Predictor:
                         velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
                 self._forwards[key] = (tracker.peak_bytes, inputs.nbytes)
             peaks[layers], inputs_bytes = self._forwards[key]
-        low, high = SIM_DEPTHS
-        peak = peaks.get(self.depth) or peaks[low] + (self.depth - low) * (peaks[high] - peaks[low])
-        return peak, inputs_bytes
+        return extrapolate_depth(peaks, self.depth), inputs_bytes
 
     def _blocks_bytes(self, setting: Setting) -> int:
         def make():

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowmemEraserError
+from .errors import LowmemEraserError, WriteError
+from .serialization import atomic_write, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,6 @@ def checkpoint_folders(out: Path) -> list[Path]:
     return [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
-def _write_error(path: Path, exc: OSError) -> LowmemEraserError:
-    cause = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
-             errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror)
-    return RunFolderError(f"checkpoint: cannot write {path}: {cause}; the previous checkpoint is intact")
-
-
 def save_checkpoint(out: Path, step: int, state: dict, write_eraser, keep: int) -> Path:
     """Write `state` (+ the eraser, via `write_eraser(folder)`) as `checkpoint/step-N/`: into a temp folder first,
     renamed into place when complete; then only the newest `keep` checkpoints stay."""
@@ -199,7 +193,7 @@ def save_checkpoint(out: Path, step: int, state: dict, write_eraser, keep: int) 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save(state, tmp / STATE)
+        atomic_write(tmp / STATE, lambda path: torch.save(state, path))  # maps a full disk etc. to one cause
         write_eraser(tmp)
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
@@ -207,14 +201,11 @@ def save_checkpoint(out: Path, step: int, state: dict, write_eraser, keep: int) 
         if final.exists():  # the same step saved again (e.g. an interrupt right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except OSError as exc:  # atomic_write's WriteError, or mkdir/rename/fsync failing
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(tmp, exc) from None
-    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError from its zip writer
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free
-        raise RunFolderError(f"checkpoint: cannot write {tmp / STATE}: {exc} ({free / 2**20:.0f} MiB free); "
-                             "the previous checkpoint is intact") from None
+        error = exc if isinstance(exc, WriteError) else write_error(tmp, exc)
+        raise RunFolderError(f"checkpoint: cannot write {error.path}: {error.cause}; the previous checkpoint is "
+                             "intact") from None
     for old in checkpoint_folders(out)[keep:]:
         shutil.rmtree(old) if old != root else (root / STATE).unlink(missing_ok=True)
     return final

@@ -66,7 +66,7 @@ _CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno
 def write_error(path: Path, exc: OSError) -> WriteError:
     """`exc` as one line naming `path` and the cause (disk full, permission denied, read-only, ...)."""
     cause = _CAUSES.get(exc.errno) or exc.strerror or str(exc) or type(exc).__name__
-    error = WriteError(f"{path}: cannot write: {cause}")
+    error = WriteError(f"{path}: cannot write: {cause}", path, cause)
     error.errno = exc.errno  # kept for callers that look at it; the message stays the one line above
     return error
 
@@ -92,7 +92,8 @@ def atomic_write(path: Path, write) -> None:
             raise
         free = shutil.disk_usage(path.parent).free
         cause = "disk full" if free < 64 * 2**20 else "write failed"
-        raise WriteError(f"{path}: cannot write: {cause} ({free / 2**20:.0f} MiB free)") from exc
+        cause = f"{cause} ({free / 2**20:.0f} MiB free)"
+        raise WriteError(f"{path}: cannot write: {cause}", path, cause) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

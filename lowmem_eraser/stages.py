@@ -24,7 +24,7 @@ GiB = 2**30
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
 TEXT_BATCH = 8  # text.encode_prompts encodes this many prompts at a time
-SIM_DEPTHS = (2, 3)
+SIM_DEPTHS = (2, 3)  # from 2 blocks on, the step's peak sits in the last block's backward (1 has no input grad)
 ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved-but-unused share on top of the allocated peak
 CUDA_CONTEXT_BYTES = 2**30  # CUDA context + cuBLAS workspace: outside max_memory_allocated, inside the card
 
@@ -82,7 +82,8 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def _extrapolate(peaks: dict[int, int], depth: int) -> int:
+def extrapolate_depth(peaks: dict[int, int], depth: int) -> int:
+    """A peak at `depth` layers from peaks simulated at SIM_DEPTHS (or at `depth` itself)."""
     low, high = SIM_DEPTHS
     if depth in peaks:
         return peaks[depth]
@@ -113,7 +114,7 @@ def text_encoding_peak(config: dict, batch: int, seq_len: int, dtype: torch.dtyp
             with torch.no_grad(), LiveTensorTracker() as tracker:
                 encoder(input_ids=ids)
         peaks[layers] = tracker.peak_bytes
-    return _extrapolate(peaks, depth)
+    return extrapolate_depth(peaks, depth)
 
 
 def text_stage(config: dict | None, prompts: int, seq_len: int, dtype: torch.dtype, on_gpu: bool) -> Stage:

@@ -97,6 +97,17 @@ def encoder_device(placement: str, device: torch.device, model_dir: Path, prompt
     return chosen
 
 
+def _encode_once(model_dir: Path, prompts: list[str], concept: str, targets: int, max_length: int, dtype, device,
+                 batch_size: int, placement: str):
+    """One encoder pass on the device `placement` chooses, then the encoder's memory given back."""
+    device = encoder_device(placement, torch.device(device), model_dir, len(prompts), max_length, dtype)
+    result = _encode(model_dir, prompts, concept, targets, max_length, dtype, device, batch_size)
+    gc.collect()  # the encoder went out of scope with _encode: give its memory back now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def encode_prompts(
     model_dir: str | Path,
     pairs: list[tuple[str, str]],
@@ -114,15 +125,12 @@ def encode_prompts(
     cache = Path(cache_dir) / f"text-{cache_key(model_dir, pairs, concept, max_length, dtype)}.pt"
     if cache.is_file():
         return PromptEmbeddings(**torch.load(cache, weights_only=True))
-    device = encoder_device(placement, torch.device(device), model_dir, 2 * len(pairs) + 1, max_length, dtype)
     targets = [target for target, _ in pairs]
     prompts = targets + [preserve for _, preserve in pairs] + [""]
-    embeddings, concept_tokens = _encode(model_dir, prompts, concept, len(targets), max_length, dtype, device, batch_size)
+    embeddings, concept_tokens = _encode_once(model_dir, prompts, concept, len(targets), max_length, dtype, device,
+                                              batch_size, placement)
     n = len(pairs)
     result = PromptEmbeddings(embeddings[:n], embeddings[n : 2 * n], embeddings[2 * n :], concept_tokens)
-    gc.collect()  # the encoder went out of scope with _encode: give its memory back now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda tmp: torch.save(asdict(result), tmp))
     return result
@@ -144,11 +152,7 @@ def encode_texts(
     cache = Path(cache_dir) / f"texts-{_fingerprint_hash(model_dir, max_length, dtype, prompts=list(prompts))}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
-    device = encoder_device(placement, torch.device(device), model_dir, len(prompts), max_length, dtype)
-    embeddings, _ = _encode(model_dir, list(prompts), "", 0, max_length, dtype, device, batch_size)
-    gc.collect()  # as in encode_prompts: the encoder is gone, give its memory back now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    embeddings, _ = _encode_once(model_dir, list(prompts), "", 0, max_length, dtype, device, batch_size, placement)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda tmp: torch.save(embeddings, tmp))
     return embeddings
