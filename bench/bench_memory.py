@@ -5,7 +5,11 @@ Modes (cumulative after `shared`), all on the same model config and the same (x_
   transformers), no checkpointing, three teacher and two student passes, one backward of the summed loss
   (both student graphs alive), the text encoder resident;
 - shared: one frozen base, adapters toggled (`train.eraser_losses_backward`, quantize none);
-- +int8, +checkpointing (= the shipped default config), +offload (BlockOffloader), +kernels (Triton; CUDA only).
+- +int8, +checkpointing (= the shipped default config), then the memory ladder: +swap half (the first half of
+  the blocks streamed through BlockOffloader's two slots), +swap all, +offload activations (each block's saved
+  inputs to host memory during the student passes, activation_offload.py), +kernels (Triton; CUDA only).
+  On CPU the streaming and the activation copies are emulated (real copies, host side invisible to the tracker),
+  so the peaks and the bytes moved are exact and the times are CPU copy times, not PCIe times.
 
 Peak memory: CUDA `max_memory_allocated`/`max_memory_reserved` (everything on the device); CPU: the bytes the
 device would hold (weights, adapters and AdamW moments, inputs) plus the LiveTensorTracker peak of the step.
@@ -40,6 +44,7 @@ from lowmem_eraser import attach_erasers
 from lowmem_eraser.config import LossConfig
 from lowmem_eraser.localization import ConceptMaskCapture
 from lowmem_eraser.memory import LiveTensorTracker, tensor_bytes
+from lowmem_eraser.activation_offload import offload_activations
 from lowmem_eraser.offload import BlockOffloader
 from lowmem_eraser.plan import (
     PRESETS,
@@ -63,11 +68,11 @@ GiB = 2**30
 T5_XXL_ENCODER_PARAMS = 4_762_310_656  # google/t5-v1_1-xxl encoder: 9.5 GB in bf16
 RANK = 128 if CUDA else 32
 LOSS = LossConfig(alpha=1.0, beta=0.5)
-# CPU: 4 blocks of dim 256 on 3 latent frames of 12x18 patches (648 video + 16 text tokens): big enough that
+# CPU: 6 blocks of dim 256 on 3 latent frames of 12x18 patches (648 video + 16 text tokens): big enough that
 # the activations, not the weights, dominate the reference's peak, as they do at 49x480x720.
 SMALL = dict(
     num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=64,
-    text_embed_dim=64, num_layers=4, sample_width=36, sample_height=24, sample_frames=9, patch_size=2,
+    text_embed_dim=64, num_layers=6, sample_width=36, sample_height=24, sample_frames=9, patch_size=2,
     max_text_seq_length=16,
 )
 if CUDA:
@@ -80,13 +85,23 @@ else:
     torch.set_num_threads(1)  # on shared cores a second thread mostly adds jitter to the step times
 
 
+# Activation offload leaves saved tensors under this size alone: the CPU model's block inputs are 0.7 MB, under
+# activation_offload.MIN_BYTES (1 MiB, right for the real models' 68-109 MB), so the CPU run lowers it.
+OFFLOAD_MIN_BYTES = None if CUDA else 2**16
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
     quantize: str = "none"  # none | int8 | triton
     checkpointing: bool = False
-    offload: bool = False
+    swap: str = "none"  # none | half | all: blocks streamed (memory.offload)
+    activations: bool = False  # memory.offload_activations
     kernels: str = "torch"
+
+    def swapped(self) -> int:
+        depth = CONFIG.get("num_layers", 30)
+        return {"none": 0, "half": depth // 2, "all": depth}[self.swap]
 
 
 MODES = [
@@ -94,8 +109,10 @@ MODES = [
     Mode("shared"),
     Mode("+int8", "int8"),
     Mode("+checkpointing", "int8", True),
-    Mode("+offload", "int8", True, True),
-    Mode("+kernels", "triton", True, True, "triton"),
+    Mode("+swap half", "int8", True, "half"),
+    Mode("+swap all", "int8", True, "all"),
+    Mode("+offload activations", "int8", True, "all", True),
+    Mode("+kernels", "triton", True, "all", True, "triton"),
 ]
 DEFAULT_MODE = "+checkpointing"  # configs/cogvideox-*.yaml: int8, checkpointing, no offload
 ROWS: dict[str, dict] = {}
@@ -142,11 +159,12 @@ def _build(mode: Mode):
     if mode.quantize != "none":
         quantize_base(transformer, backend=mode.quantize)
     offloader = None
-    if mode.offload:
-        offloader = BlockOffloader(transformer, DEVICE, stream=True)
+    if mode.swap != "none":
+        blocks = transformer.transformer_blocks[: mode.swapped()]  # BlockOffloader streams the first N
+        on_device = tensor_bytes(transformer) - sum(tensor_bytes(b) for b in blocks)
+        offloader = BlockOffloader(transformer, DEVICE, stream=True, blocks=mode.swapped())
         offloader.attach()
-        outside = tensor_bytes(transformer) - sum(tensor_bytes(b) for b in transformer.transformer_blocks)
-        return transformer, outside + offloader.slot_bytes, offloader
+        return transformer, on_device + offloader.slot_bytes, offloader
     return transformer, tensor_bytes(transformer), offloader
 
 
@@ -170,7 +188,8 @@ def _predictor() -> Predictor:
     """One planner for every mode, so that they share its simulated steps. CPU: PyTorch's int8 path (what
     runs here); CUDA: the Triton path, whose int8 step equals bf16's (the +int8..+offload rows, which run the
     PyTorch path, also dequantise one weight transiently: <= 2 x 75 MB more on 5b)."""
-    return Predictor(CONFIG, VIDEO, RANK, LOSS, DTYPE, int8_backend="triton" if CUDA else "int8")
+    return Predictor(CONFIG, VIDEO, RANK, LOSS, DTYPE, int8_backend="triton" if CUDA else "int8",
+                     offload_min_bytes=OFFLOAD_MIN_BYTES)
 
 
 @functools.cache
@@ -200,25 +219,41 @@ def _predicted_reference(encoder_bytes: int) -> int:
 def _predicted(mode: Mode) -> int | None:
     if mode.name == "reference":
         return None
-    setting = Setting("none" if mode.quantize == "none" else "int8", mode.checkpointing,
-                      "blocks" if mode.offload else "none")
-    return _predictor().predict(setting).peak
+    return _predictor().predict(_setting(mode)).peak
 
 
-def _measure(step, resident: int) -> dict:
-    """Peak bytes and FLOPs of one step (after a warm-up step); CUDA peaks include everything resident."""
+def _setting(mode: Mode) -> Setting:
+    return Setting("none" if mode.quantize == "none" else "int8", mode.checkpointing, mode.swapped(),
+                   mode.activations)
+
+
+def _moved(offloader, activations) -> int:
+    """Host<->device bytes so far: streamed block copies and offloaded activations (out and back)."""
+    counters = getattr(activations, "counters", None)
+    return ((offloader.bytes_copied if offloader is not None else 0)
+            + (counters.bytes_to_host + counters.bytes_to_device if counters is not None else 0))
+
+
+def _measure(step, resident: int, offloader=None, activations=None) -> dict:
+    """Peak bytes, FLOPs and bytes moved of one step (after a warm-up step); CUDA peaks include everything
+    resident."""
     step()
+    before = _moved(offloader, activations)
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         with FlopCounter() as counter:
             step()
         torch.cuda.synchronize()
-        return {"peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
-                "flops": counter.flops}
-    with FlopCounter() as counter, LiveTensorTracker() as tracker:
-        step()
-    return {"peak": resident + tracker.peak_bytes, "reserved": None, "flops": counter.flops}
+        row = {"peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+               "flops": counter.flops}
+    else:
+        with FlopCounter() as counter, LiveTensorTracker() as tracker:
+            step()
+        row = {"peak": resident + tracker.peak_bytes, "reserved": None, "flops": counter.flops}
+    row["moved"] = _moved(offloader, activations) - before
+    row["misses"] = offloader.misses if offloader is not None else 0  # streamed blocks not prefetched, all steps
+    return row
 
 
 @functools.cache
@@ -232,10 +267,47 @@ def _matmul_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
+@functools.cache
+def _h2d_gbps() -> float:
+    """Pinned host -> device copy rate, measured once (256 MiB, median of triton.testing.do_bench): the planner's
+    --h2d-gbps for this machine."""
+    import triton.testing
+
+    host = torch.empty(2**28, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device=DEVICE)
+    ms = triton.testing.do_bench(lambda: device.copy_(host, non_blocking=True), warmup=5, rep=50,
+                                 return_mode="median")
+    return host.numel() / ms / 1e6
+
+
+def _calibration_lines() -> list[str]:
+    """CUDA: the planner's step-time model with this GPU's measured rates (achieved TFLOP/s of the resident
+    checkpointed step, pinned H2D GB/s) against every measured mode: how well the overlap model predicts."""
+    resident = ROWS.get(DEFAULT_MODE, {})
+    if not CUDA or not resident.get("seconds"):
+        return []
+    from lowmem_eraser.plan import Speeds
+
+    predictor = _predictor()
+    base = predictor.step_seconds(_setting(Mode(DEFAULT_MODE, "int8", True)), Speeds(1.0, 1.0))  # s at 1 TFLOP/s
+    speeds = Speeds(tflops=base / resident["seconds"], h2d_gbps=_h2d_gbps())
+    lines = ["", f"Calibration: `lowmem-eraser plan --tflops {speeds.tflops:.0f} --h2d-gbps {speeds.h2d_gbps:.1f}` "
+             f"for this GPU ({DEFAULT_MODE} step FLOPs / its s/step; pinned 256 MiB host->device copies).", "",
+             "| mode | measured s/step | predicted s/step | predicted / measured | vs resident (measured) |",
+             "|---|---:|---:|---:|---:|"]
+    for mode in MODES[1:]:
+        row = ROWS.get(mode.name, {})
+        if row.get("seconds"):
+            predicted = predictor.step_seconds(_setting(mode), speeds)
+            lines.append(f"| {mode.name} | {row['seconds']:.3f} | {predicted:.3f} | {predicted / row['seconds']:.2f} | "
+                         f"{row['seconds'] / resident['seconds']:.2f}x |")
+    return lines
+
+
 @pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])
 def test_mode(mode, inputs, benchmark, tmp_path_factory):
     if mode.kernels == "triton" and not CUDA:
-        pytest.skip("+kernels needs CUDA; on CPU it would equal +offload (PyTorch kernels)")
+        pytest.skip("+kernels needs CUDA; on CPU it would equal +offload activations (PyTorch kernels)")
     if CUDA:  # a mode whose predicted peak exceeds what it may use would only OOM, minutes later: show the prediction
         reference = mode.name == "reference"  # its stand-in T5's size is known before building
         predicted = _predicted_reference(T5_XXL_ENCODER_PARAMS * 2) if reference else _predicted(mode)
@@ -252,7 +324,7 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
         fraction = 1.0 if mode.name == "reference" else CAP_BYTES / torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(fraction, 1.0))
     torch.manual_seed(0)
-    extra, encoder_bytes, offloader = [], 0, None
+    extra, encoder_bytes, offloader, activations = [], 0, None, None
     try:
         if mode.name == "reference":
             original, weights, _ = _build(mode)
@@ -265,12 +337,16 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
             erasers = attach_erasers(original, rank=RANK)
         erasers.kernels = mode.kernels
         optimizer = torch.optim.AdamW(erasers.parameters(), lr=1e-4)
+        if mode.activations:
+            options = {} if OFFLOAD_MIN_BYTES is None else {"min_bytes": OFFLOAD_MIN_BYTES}
+            activations = offload_activations(True, DEVICE, mode=None if CUDA else "emulate", model=original,
+                                              **options)
 
         def step():
             if mode.name == "reference":
                 reference_losses_backward(original, extra[0], erasers, inputs, LOSS)
             else:
-                eraser_losses_backward(original, erasers, *inputs.args(), LOSS)
+                eraser_losses_backward(original, erasers, *inputs.args(), LOSS, activations=activations)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -283,7 +359,7 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
         if CUDA:  # building on the GPU (bf16, then int8; blocks moved to the host) leaves freed blocks cached
             gc.collect()
             torch.cuda.empty_cache()
-        row = _measure(step, resident)
+        row = _measure(step, resident, offloader, activations)
         if CUDA and mode.kernels == "triton":  # a kernel that failed its probe would run PyTorch silently
             from lowmem_eraser.kernels import utils
 
@@ -291,7 +367,7 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
         benchmark.pedantic(timed_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
         row["seconds"] = statistics.median(benchmark.stats.stats.data)
     except torch.cuda.OutOfMemoryError:
-        row = {"peak": None, "reserved": None, "flops": None, "seconds": None, "oom": True}
+        row = {"peak": None, "reserved": None, "flops": None, "seconds": None, "oom": True, "moved": None}
     finally:
         if offloader is not None:
             offloader.detach()
@@ -302,6 +378,13 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
     ROWS[mode.name] = row
     print(f"\n{mode.name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     _write_table()  # survives a timeout of a later mode
+
+
+def _moved_cell(mode: Mode, row: dict) -> str:
+    if mode.name == "reference":
+        return "-"
+    planned = _predictor().moved_bytes(_setting(mode))
+    return f"{row['moved'] / 1e6:,.1f} ({planned / 1e6:,.1f})"
 
 
 def _ratio(row, key):
@@ -342,24 +425,26 @@ def _write_table() -> None:
         + (f"; bf16 peak: an 8192^3 bf16 matmul measured here at {peak_tflops:.0f} TFLOP/s." if CUDA else "."),
         "",
         "| mode | peak MiB | reserved MiB | predicted (plan) MiB | peak vs reference | s/step | vs reference | "
-        "GFLOP/step (run) | model TFLOP/s | of bf16 peak |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "GFLOP/step (run) | model TFLOP/s | of bf16 peak | MB moved/step (plan) | not prefetched |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         row = ROWS.get(mode.name)
         if row is None:
-            why = "skipped (CUDA only; equals +offload on CPU)" if mode.kernels == "triton" and not CUDA else "not run"
-            lines.append(f"| {mode.name} | {why} | | | | | | | | |")
+            why = ("skipped (CUDA only; equals +offload activations on CPU)" if mode.kernels == "triton" and not CUDA
+                   else "not run")
+            lines.append(f"| {mode.name} | {why} | | | | | | | | | | |")
         elif row.get("skipped") or row.get("oom"):
             why = f"skipped: {row['skipped']}" if row.get("skipped") else "OOM"
-            lines.append(f"| {mode.name} | {why} | | {_mib(row['predicted'])} | | | | | | |")
+            lines.append(f"| {mode.name} | {why} | | {_mib(row['predicted'])} | | | | | | | | |")
         else:
             tflops = model_flops / row["seconds"] / 1e12
             share = f"{tflops / peak_tflops:.1%}" if peak_tflops else "-"
             lines.append(
                 f"| {mode.name} | {_mib(row['peak'])} | {_mib(row['reserved'])} | {_mib(row['predicted'])} | "
                 f"{_ratio(row, 'peak')} | {row['seconds']:.3f} | {_ratio(row, 'seconds')} | "
-                f"{row['flops'] / 1e9:,.1f} | {tflops:.3g} | {share} |"
+                f"{row['flops'] / 1e9:,.1f} | {tflops:.3g} | {share} | {_moved_cell(mode, row)} | "
+                f"{row.get('misses', '-')} |"
             )
     default, reference = ROWS.get(DEFAULT_MODE, {}), ROWS.get("reference", {})
     against, what = reference.get("peak"), "the reference's peak"
@@ -370,6 +455,7 @@ def _write_table() -> None:
         verdict = "meets" if ratio <= 0.25 else "MISSES"
         lines += ["", f"Default config ({DEFAULT_MODE}: int8, checkpointing, no offload): {ratio:.3f}x {what}: "
                   f"{verdict} the <= 0.25x target."]
+    lines += _calibration_lines()
     RESULTS.mkdir(parents=True, exist_ok=True)
     _table_path("md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)

@@ -149,11 +149,14 @@ def _plan(args: argparse.Namespace) -> None:
     video = plan.check_video(settings["frames"], settings["height"], settings["width"])
     loss = plan.check_loss(settings["alpha"], settings["beta"], settings["loss"])
     run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"],
-                       plan.check_prompts(settings["prompts"]), settings["text_encoder"])
+                       plan.check_prompts(settings["prompts"]), settings["text_encoder"], settings["blockwise_load"])
     config = settings["config"]
-    configured = plan.configured_setting(config.memory, settings["batch"]) if config is not None else None
+    speeds = plan.check_speeds(args.tflops, args.h2d_gbps)
+    depth = plan.model_spec(model).transformer.get("num_layers", 30) if config is not None else 0
+    configured = plan.configured_setting(config.memory, settings["batch"], depth) if config is not None else None
     result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run,
-                            dtype=getattr(torch, settings["dtype"]), batch=settings["batch"], configured=configured)
+                            dtype=getattr(torch, settings["dtype"]), batch=settings["batch"], configured=configured,
+                            speeds=speeds)
     print(plan.format_plan(result))
     if args.config_out:
         print(f"wrote {plan.write_config(result, model, args.config_out, settings['config'])}")
@@ -231,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompts", type=int, help="number of prompt pairs (default 8)")
     plan.add_argument("--text-encoder", dest="text_encoder", choices=("auto", "cuda", "cpu"),
                       help="where T5 encodes the prompts (default auto: the GPU when it fits the budget)")
+    plan.add_argument("--tflops", type=float, help="achieved bf16 TFLOP/s of your GPU, for the step-time model "
+                      "(default: the rate printed in the plan)")
+    plan.add_argument("--h2d-gbps", dest="h2d_gbps", type=float,
+                      help="pinned host<->device copy GB/s per direction (default: printed in the plan)")
     plan.add_argument("--config-out", help="write a train YAML with the picked setting here")
     plan.set_defaults(run=_plan)
     return parser

@@ -76,7 +76,9 @@ def _checked(name: str, value: Any, kind: type, metadata) -> Any:
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item_kind,) = typing.get_args(kind)
         return [_checked(f"{name}[{i}]", item, item_kind, metadata) for i, item in enumerate(value)]
-    converted = _converted(value, kind)
+    converted = metadata["convert"](value) if "convert" in metadata else _converted(value, kind)
+    if converted is None and "convert" in metadata:
+        raise ConfigError(f"{name}: expected {metadata['expected']}, got {value!r}")
     if converted is None:
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
                     Path: "a path"}[kind]
@@ -162,19 +164,43 @@ class TrainLoopConfig(_Section):
     keep_checkpoints: int = field(default=2, metadata=_POSITIVE)
 
 
+def _offload_value(value: Any) -> str | int | None:
+    """memory.offload as stored: "none", "all" (also written `blocks`, its old name) or a block count N >= 1
+    (0 means none)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "none" if value == 0 else value if value > 0 else None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit():
+            return _offload_value(int(text))
+        return {"none": "none", "all": "all", "blocks": "all"}.get(text)
+    return None
+
+
 @dataclass
 class MemoryConfig(_Section):
-    """`offload: blocks` is accepted without CUDA (the training loop says so and runs without it).
+    """Each field is one memory switch (see configs/README.md). `offload` (streamed blocks) and
+    `offload_activations` are accepted without CUDA: the training loop says so and runs without them.
     `text_encoder`: where the prompts are encoded (once, then cached); `auto` puts the encoder on the GPU only
     when it fits the free GPU memory, else on the CPU."""
 
     key: ClassVar[str] = "memory"
     quantize: str = field(default="int8", metadata=_choices("none", "int8", "triton", "bnb", "auto"))
     gradient_checkpointing: bool = True
-    offload: str = field(default="none", metadata=_choices("none", "blocks"))
+    offload: str | int = field(default="none", metadata={
+        "convert": _offload_value, "expected": "none, all (or blocks) or a number of blocks to stream"})
+    offload_activations: bool = False
+    blockwise_load: bool = True
+    int8_cache: bool = False
     dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
     kernels: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
     text_encoder: str = field(default="auto", metadata=_choices("auto", "cuda", "cpu"))
+
+    def streamed_blocks(self, depth: int) -> int:
+        """How many of a `depth`-block model's blocks `offload` streams (the first ones)."""
+        return 0 if self.offload == "none" else depth if self.offload == "all" else min(int(self.offload), depth)
 
 
 @dataclass
@@ -271,11 +297,22 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"train.warmup_steps: expected at most train.steps ({config.train.steps}), got {config.train.warmup_steps}"
         )
-    if config.memory.offload == "blocks" and not config.memory.gradient_checkpointing:
+    if config.memory.offload != "none" and not config.memory.gradient_checkpointing:
         raise ConfigError(
-            "memory.offload: blocks needs memory.gradient_checkpointing: true (backward re-fetches each block's "
-            "weights through the recomputation)"
+            f"memory.offload: {config.memory.offload} needs memory.gradient_checkpointing: true (backward re-fetches "
+            "each block's weights through the recomputation)"
         )
+    if config.memory.offload_activations and not config.memory.gradient_checkpointing:
+        raise ConfigError(
+            "memory.offload_activations: true needs memory.gradient_checkpointing: true (it moves what checkpointing "
+            "keeps, each block's inputs, to the CPU; without checkpointing every activation would cross PCIe)"
+        )
+    layers = _transformer_config(config.model).get("num_layers")
+    offload = config.memory.offload
+    if isinstance(offload, int) and isinstance(layers, int) and offload > layers:
+        raise ConfigError(
+            f"memory.offload: {offload} blocks to stream, but {config.model / 'transformer' / 'config.json'} has "
+            f"{layers} blocks (use 1..{layers}, or all)")
     if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
         raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
     if config.validation.every > 0 and not config.validation.prompts:
@@ -289,13 +326,22 @@ def validate(config: TrainConfig) -> None:
         )
 
 
-def _attention_dim(model: Path) -> int | None:
-    """num_attention_heads * attention_head_dim from the transformer's config.json; None when it cannot be
-    read (the model loader reports a missing or broken file itself)."""
+def _transformer_config(model: Path) -> dict:
+    """The transformer's config.json; {} when it cannot be read (the model loader reports a missing or broken
+    file itself)."""
     try:
-        transformer = json.loads((model / "transformer" / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((model / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _attention_dim(model: Path) -> int | None:
+    """num_attention_heads * attention_head_dim from the transformer's config.json; None when it cannot be read."""
+    transformer = _transformer_config(model)
+    try:
         heads, head_dim = transformer["num_attention_heads"], transformer["attention_head_dim"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except KeyError:
         return None
     ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, head_dim))
     return heads * head_dim if ok else None

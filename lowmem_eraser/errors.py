@@ -30,3 +30,7 @@ class WriteError(LowmemEraserError, OSError):
 
 class ModelFileError(LowmemEraserError):
     """A model file (config, weights, tokenizer) that cannot be loaded; names the file."""
+
+
+class HostMemoryError(LowmemEraserError, MemoryError):
+    """Not enough host RAM for what a setting pins or loads; raised before allocating, with the figures."""

@@ -121,3 +121,25 @@ def tensor_bytes(module_or_tensors: nn.Module | Iterable[torch.Tensor]) -> int:
         tensors = list(module_or_tensors)
     storages = {id(s): s for s in (t.untyped_storage() for t in tensors)}
     return sum(s.nbytes() for s in storages.values())
+
+
+HOST_RAM_RESERVE = 2**30  # left to the OS, the Python process and the page cache when pinning or loading
+
+
+def mem_available_bytes() -> int | None:
+    """The kernel's estimate of host RAM available without swapping (`MemAvailable`), or None where
+    /proc/meminfo does not exist (not Linux): the callers then skip their check."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_ram_available() -> int | None:
+    """Host RAM that can still be taken: MemAvailable minus HOST_RAM_RESERVE (None where unknown)."""
+    available = mem_available_bytes()
+    return None if available is None else max(0, available - HOST_RAM_RESERVE)

@@ -1,10 +1,20 @@
-"""Streamed block weights (`offload: blocks`): only two transformer blocks' base weights on the GPU at a time.
+"""Streamed block weights (`memory.offload: all | N`): the base weights of N transformer blocks (all of them, or
+the first N) live in host memory and pass through two device slots; the other blocks stay resident.
 
-Each block's frozen parameters and buffers live in one flat pinned CPU buffer. A forward pre-hook on every
-block copies the block into one of two device slots (ring of two) and points the block's tensors at views
-of that slot, then starts copying the next block into the other slot on a side stream while this one
-computes. The next block is i+1 while blocks run forward and i-1 while checkpoint recomputation runs them
-backwards.
+Each streamed block's frozen parameters and buffers live in one flat pinned CPU buffer. A forward pre-hook on
+every block (streamed or not: resident blocks are where the next pass's first streamed blocks get prefetched)
+predicts the next streamed blocks in visit order, copies them into free slots on a side stream while the
+current block computes, and points each block's tensors at views of its slot. Visit order: ascending while
+blocks run forward, descending while checkpoint recomputation runs them in backward; at the last block a pass
+with autograd (the student forward, or a recomputation) turns round and a no-grad pass (the teacher passes,
+which follow each other) starts again at block 0.
+
+Which blocks stream: the first N or the last N copy the same bytes per step (tests/test_offload.py: 7N - 8
+block copies per eraser step with beta > 0 for N > 2; N <= 2 blocks simply stay in the slots) and, after the
+first visit, every copy is issued before its block is needed (`misses` stays 0). The first N are the default:
+the stretch of resident blocks that ends every forward pass is where the next pass's first streamed blocks
+are copied, so that copy has the most compute to hide behind; which overlaps better on a real GPU is for
+bench/gpu_check.sh to measure (not measured yet).
 
 Training relies on gradient checkpointing: the checkpointed forward saves nothing, and the recomputation
 during backward runs the block again, so its pre-hook fetches the weights again. Nothing depends on autograd
@@ -18,11 +28,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .errors import LowmemEraserError
+from .errors import HostMemoryError, LowmemEraserError
 
 _ALIGN = 256  # bytes; every tensor starts aligned in the flat buffers (CUDA kernels want 16+)
 
@@ -89,18 +100,26 @@ def _bind(entries: list[_Entry], flat: torch.Tensor) -> None:
 class BlockOffloader:
     """Streams the base weights of `transformer.transformer_blocks` from CPU through two device slots.
 
-    `stream` defaults to True on CUDA and False elsewhere, where the offloader is a no-op (with a warning):
-    on CPU the weights are already in host memory. `stream=True` on CPU performs the real slot copies
-    (synchronously, no pinning), which is how the tests check that streaming changes no number.
-    Everything outside the blocks (embeddings, final norm, `proj_out`) stays where the caller put it. Do not
-    move the transformer between `attach()` and `detach()`.
+    `blocks`: how many blocks stream (None: all); `placement`: which ones, the `first` N or the `last` N.
+    The others are moved to `device` and stay there. `stream` defaults to True on CUDA and False elsewhere,
+    where the offloader is a no-op (with a warning): on CPU the weights are already in host memory.
+    `stream=True` on CPU performs the real slot copies (synchronously, no pinning), which is how the tests check
+    that streaming changes no number. Everything outside the blocks (embeddings, final norm, `proj_out`) stays
+    where the caller put it. Do not move the transformer between `attach()` and `detach()`.
+    Counters (since attach): `copies` and `bytes_copied` host -> device, `misses`: copies issued only when the
+    block was already needed (not prefetched; on CUDA the compute waits for them).
     """
 
-    def __init__(self, transformer: nn.Module, device: torch.device | str, stream: bool | None = None):
+    def __init__(self, transformer: nn.Module, device: torch.device | str, stream: bool | None = None,
+                 blocks: int | None = None, placement: Literal["first", "last"] = "first"):
         self.transformer = transformer
         self.device = torch.device(device)
         self.enabled = self.device.type == "cuda" if stream is None else stream
+        if placement not in ("first", "last"):
+            raise LowmemEraserError(f"BlockOffloader placement must be 'first' or 'last', got {placement!r}")
+        self.blocks, self.placement = blocks, placement
         self._hooks = []
+        self.copies = self.bytes_copied = self.misses = 0
 
     def __enter__(self) -> "BlockOffloader":
         self.attach()
@@ -111,36 +130,56 @@ class BlockOffloader:
 
     @property
     def slot_bytes(self) -> int:
-        """Device bytes held by the slots (two of the largest block)."""
+        """Device bytes held by the slots (two of the largest streamed block)."""
         return sum(slot.nbytes for slot in self._slots) if self._hooks else 0
 
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of the streamed blocks' flat buffers (pinned on CUDA)."""
+        return sum(host.numel() for host in self._host.values()) if self._hooks else 0
+
     def attach(self) -> None:
-        """Move every block's tensors into its flat host buffer, allocate the slots and install the hooks."""
+        """Move every streamed block's tensors into its flat host buffer, allocate the slots, move the resident
+        blocks to the device and install the hooks."""
         if self._hooks:
             raise LowmemEraserError("BlockOffloader is already attached; call detach() first")
         if not self.enabled:
-            warnings.warn(f"offload: blocks does nothing on {self.device.type}: the weights are already in host memory")
+            warnings.warn(f"offload does nothing on {self.device.type}: the weights are already in host memory")
             return
         blocks = list(getattr(self.transformer, "transformer_blocks", None) or [])
         if not blocks:
             raise LowmemEraserError(f"{type(self.transformer).__name__} has no `transformer_blocks` to offload")
-        indexed = [_block_entries(block) for block in blocks]  # raises before anything has moved
+        count = len(blocks) if self.blocks is None else self.blocks
+        if not 0 <= count <= len(blocks):
+            raise LowmemEraserError(
+                f"memory.offload: {self.blocks} blocks to stream, but the model has {len(blocks)} blocks "
+                f"(use 0..{len(blocks)}, or `all`)")
+        streamed = range(count) if self.placement == "first" else range(len(blocks) - count, len(blocks))
+        indexed = {i: _block_entries(blocks[i]) for i in streamed}  # raises before anything has moved
         pin = self.device.type == "cuda"
-        self._entries, self._host = [], []
-        for entries, size in indexed:
+        if pin:
+            _check_host_ram(blocks, indexed)
+        self._entries, self._host = {}, {}
+        for i, (entries, size) in indexed.items():
             host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             for entry in entries:
                 module, name = entry.owners[0]
                 _view(host, entry).copy_(getattr(module, name).detach())
             _bind(entries, host)  # the originals are released here
-            self._entries.append(entries)
-            self._host.append(host)
-        largest = max(host.numel() for host in self._host)
-        self._slots = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in blocks[:2]]
-        self._resident: list[int | None] = [None] * len(self._slots)
+            self._entries[i], self._host[i] = entries, host
+        self._resident_devices = {}
+        for i, block in enumerate(blocks):
+            if i not in indexed:
+                first = next(iter([*block.parameters(), *block.buffers()]), None)
+                self._resident_devices[i] = first.device if first is not None else self.device
+                block.to(self.device)
+        self._order = sorted(indexed)
+        largest = max((host.numel() for host in self._host.values()), default=0)
+        self._slots = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in self._order[:2]]
+        self._in_slot: list[int | None] = [None] * len(self._slots)  # the streamed block each slot holds
         self._ready: list[torch.cuda.Event | None] = [None] * len(self._slots)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._last, self._step = None, 1
+        self._count, self._last, self._direction = len(blocks), None, 1
         self._hooks = [block.register_forward_pre_hook(self._make_pre_hook(i)) for i, block in enumerate(blocks)]
 
     def detach(self) -> None:
@@ -153,42 +192,81 @@ class BlockOffloader:
             self._copy_stream.synchronize()
         for hook in self._hooks:
             hook.remove()
-        for entries, host in zip(self._entries, self._host):
+        for i, entries in self._entries.items():
             for entry in entries:
-                tensor = _view(host, entry).to(entry.device, copy=True)
+                tensor = _view(self._host[i], entry).to(entry.device, copy=True)
                 _set(entry, nn.Parameter(tensor, requires_grad=entry.requires_grad) if entry.is_param else tensor)
-        self._hooks, self._entries, self._host, self._slots = [], [], [], []
+        blocks = self.transformer.transformer_blocks
+        for i, device in self._resident_devices.items():
+            blocks[i].to(device)
+        self._hooks, self._entries, self._host, self._slots = [], {}, {}, []
 
     def _make_pre_hook(self, index: int):
-        return lambda module, args: self._fetch(index)
+        return lambda module, args: self._visit(index)
 
-    def _fetch(self, index: int) -> None:
-        """Make block `index` resident and bound to its slot, then prefetch its neighbour in the direction of travel."""
-        if torch.is_grad_enabled() and not getattr(self.transformer, "gradient_checkpointing", False):
+    def _predicted(self, index: int) -> list[int]:
+        """The streamed blocks after `index`, in the order the passes are expected to visit them."""
+        n, d = self._count, self._direction
+        ahead = range(index + d, n if d > 0 else -1, d)
+        if torch.is_grad_enabled():  # a graph-building pass or a recomputation turns round at the end
+            after = range(n - 1, -1, -1) if d > 0 else range(n)
+        else:  # frozen (teacher, sampling) passes follow each other
+            after = range(n) if d > 0 else range(n - 1, -1, -1)
+        order = []
+        for i in (*ahead, *after):
+            if i in self._host and i != index and i not in order:
+                order.append(i)
+                if len(order) == len(self._slots):
+                    break
+        return order
+
+    def _next_direction(self, index: int) -> int:
+        """+1 while a pass runs forward, -1 while backward recomputes the blocks in reverse. Frozen passes only
+        run forward; with autograd on, a step back is a recomputation and a jump starts a pass at its end."""
+        last = self._last
+        if not torch.is_grad_enabled() or last is None or index == last + 1:
+            return 1
+        if index == last - 1:
+            return -1
+        if index == last:  # the same block twice: the pass turned round there (or a one-block model)
+            return -1 if index == self._count - 1 else 1 if index == 0 else self._direction
+        return 1 if index == 0 else -1
+
+    def _visit(self, index: int) -> None:
+        """Before block `index` runs: make it resident if it is streamed, then prefetch what comes next."""
+        streamed = index in self._host
+        if streamed and torch.is_grad_enabled() and not getattr(self.transformer, "gradient_checkpointing", False):
             raise LowmemEraserError(
-                "offload: blocks needs gradient checkpointing for passes with autograd: call "
+                "memory.offload needs gradient checkpointing for passes with autograd: call "
                 "transformer.enable_gradient_checkpointing(), or run frozen passes under torch.no_grad()"
             )
-        slot = index % len(self._slots)
-        if self._resident[slot] != index:
-            self._copy(index, slot)
-        if self._ready[slot] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
-        if self._last is not None and index != self._last:
-            self._step = 1 if index > self._last else -1
-        if not 0 <= index + self._step < len(self._host):
-            self._step = -self._step  # at either end the next pass (or the recomputation) turns round
+        self._direction = self._next_direction(index)
         self._last = index
-        neighbour = index + self._step
-        if 0 <= neighbour < len(self._host) and self._resident[neighbour % len(self._slots)] != neighbour:
-            self._copy(neighbour, neighbour % len(self._slots))
+        upcoming = self._predicted(index)
+        if len(self._slots) == 0:
+            return
+        if streamed:
+            if index not in self._in_slot:
+                self.misses += 1
+                self._copy(index, keep=upcoming[:1])
+            slot = self._in_slot.index(index)
+            if self._ready[slot] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
+            upcoming = upcoming[: len(self._slots) - 1]
+        for position, nxt in enumerate(upcoming):
+            if nxt not in self._in_slot:
+                keep = ([index] if streamed else []) + upcoming[:position]
+                self._copy(nxt, keep=keep)
 
-    def _copy(self, index: int, slot: int) -> None:
-        """Copy block `index` into `slot` (on the side stream on CUDA) and bind the block to it."""
-        evicted = self._resident[slot]
+    def _copy(self, index: int, keep: list[int]) -> None:
+        """Copy block `index` into a slot that holds none of `keep` (on the side stream on CUDA) and bind the
+        block to it. The slot's previous block goes back to its host views."""
+        slot = next(s for s, held in enumerate(self._in_slot) if held not in keep)
+        evicted = self._in_slot[slot]
         if evicted is not None:
             _bind(self._entries[evicted], self._host[evicted])
-        host, target = self._host[index], self._slots[slot][: self._host[index].numel()]
+        host = self._host[index]
+        target = self._slots[slot][: host.numel()]
         if self._copy_stream is None:
             target.copy_(host)
         else:
@@ -198,4 +276,24 @@ class BlockOffloader:
                 self._ready[slot] = torch.cuda.Event()
                 self._ready[slot].record()
         _bind(self._entries[index], self._slots[slot])
-        self._resident[slot] = index
+        self._in_slot[slot] = index
+        self.copies += 1
+        self.bytes_copied += host.numel()
+
+
+def _check_host_ram(blocks: list[nn.Module], indexed: dict) -> None:
+    """Pinned memory cannot be swapped out: refuse before pinning more than the host has. The blocks' current
+    host tensors are freed block by block as their pinned copies are made, so the new memory needed is what the
+    blocks do not already hold on the CPU, plus one block in flight."""
+    from .activation_offload import pinned_allocation_bytes
+    from .memory import host_ram_available
+
+    need = sum(pinned_allocation_bytes(size) for _, size in indexed.values())  # CUDA rounds pinned sizes up
+    held = sum(entry.nbytes for entries, _ in indexed.values() for entry in entries if entry.device.type == "cpu")
+    largest = max(pinned_allocation_bytes(size) for _, size in indexed.values())
+    extra, available = need - held + largest, host_ram_available()
+    if available is not None and extra > available:
+        raise HostMemoryError(
+            f"memory.offload: pinning {need / 2**30:.2f} GiB of streamed block weights needs {extra / 2**30:.2f} GiB "
+            f"more host RAM, but only {available / 2**30:.2f} GiB is available; stream fewer blocks "
+            "(memory.offload: N) or free host memory")

@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .activation_offload import offload_activations, pinned_allocation_bytes
 from .adapter import attach_erasers
 from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
@@ -110,32 +111,50 @@ def check_video(frames: int, height: int, width: int) -> VideoConfig:
 
 @dataclass(frozen=True)
 class Setting:
-    """One candidate memory setting. Offload needs checkpointing (backward re-fetches through recomputation)."""
+    """One candidate memory setting: a rung of the memory ladder. Streaming blocks (`swap` of them, the first
+    ones) and offloading activations both need checkpointing (backward re-fetches through recomputation)."""
 
     quantize: str = "int8"  # none | int8
     checkpointing: bool = True
-    offload: str = "none"  # none | blocks
+    swap: int = 0  # blocks streamed through the two-slot ring (memory.offload)
+    offload_activations: bool = False
     batch: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.quantize}, ckpt {'on' if self.checkpointing else 'off'}, offload {self.offload}"
+        return (f"{self.quantize}, ckpt {'on' if self.checkpointing else 'off'}, swap {self.swap}, "
+                f"act offload {'on' if self.offload_activations else 'off'}")
 
     def speed_rank(self) -> tuple:
-        """Fastest first: streaming weights costs transfer time, checkpointing ~1/3 more compute on the
-        student passes, int8 at best matches bf16 cuBLAS (bench/bench_kernels.py targets >= 0.9x) -- except
-        when the blocks are streamed: then int8 moves half the bytes over PCIe per pass."""
-        streamed = self.offload != "none"
-        slower_weights = (self.quantize == "none") if streamed else (self.quantize != "none")
-        return (streamed, self.checkpointing, slower_weights, self.batch)
+        """Ties of the predicted step time (e.g. int8 vs bf16 resident: the same FLOPs): the one with less to
+        go wrong first -- bf16 (int8 at best matches cuBLAS, bench/bench_kernels.py), fewer moving parts."""
+        return (self.swap, self.offload_activations, self.checkpointing, self.quantize != "none", self.batch)
+
+    def offload(self, depth: int) -> str | int:
+        """The `memory.offload` value of this setting for a `depth`-block model."""
+        return "none" if self.swap == 0 else "all" if self.swap >= depth else self.swap
 
 
-SETTINGS = tuple(
-    Setting(quantize, checkpointing, offload)
-    for quantize in ("none", "int8")
-    for checkpointing in (False, True)
-    for offload in (("none", "blocks") if checkpointing else ("none",))
-)
+def ladder(depth: int) -> tuple[Setting, ...]:
+    """The candidate rungs at batch 1 with no or all blocks streamed; `make_plan` adds the partial swap that
+    just fits the budget (the fewest streamed blocks: each streamed block costs transfer time)."""
+    return tuple(
+        Setting(quantize, checkpointing, swap, activations)
+        for quantize in ("none", "int8")
+        for checkpointing in (False, True)
+        for swap in ((0, depth) if checkpointing else (0,))
+        for activations in ((False, True) if checkpointing else (False,))
+    )
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """The step-time model's two rates (stated in every plan; bench/gpu_check.sh measures both on a lent GPU).
+    Defaults: an RTX 4090-class card at ~50 % of its 165 dense bf16 TFLOP/s, and pinned PCIe 4.0 x16 copies
+    (~25 GB/s peak, ~20 sustained)."""
+
+    tflops: float = 80.0  # achieved model TFLOP/s of the step's matmuls and attention
+    h2d_gbps: float = 20.0  # host <-> device GB/s of pinned copies, each direction (PCIe is full duplex)
 
 
 @dataclass
@@ -143,11 +162,13 @@ class Prediction:
     """Predicted device bytes of one setting: what stays resident, plus the tracked peak of the step."""
 
     setting: Setting
-    weights: int  # transformer weights on the device (for offload: non-block weights + two block slots)
+    weights: int  # transformer weights on the device (streamed blocks: two slots instead of them)
     adapter_state: int  # fp32 adapters + AdamW's two moments (the gradients are inside step_peak)
     inputs: int  # x_t, t, the three text embeddings, concept tokens, rotary embeddings
     step_peak: int  # LiveTensorTracker peak of one eraser_losses_backward call
     flops: int
+    offloaded: int = 0  # activation bytes sent to the host per step (and brought back), offload_activations
+    pinned: int = 0  # the activation offloader's host buffers (pooled across passes; pinned sizes round up)
 
     @property
     def peak(self) -> int:
@@ -248,13 +269,15 @@ def flop_counter_mode():
     return mode
 
 
-def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: LossConfig) -> tuple[int, int]:
+def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: LossConfig,
+                 activations=None) -> tuple[int, int]:
     """(tracked peak bytes, FLOPs) of one eraser_losses_backward call, adapter gradients included.
-    Works on real tensors (the tests' ground truth) and on fake ones (the prediction)."""
+    Works on real tensors (the tests' ground truth) and on fake ones (the prediction). `activations`: the
+    activation offload context (emulated on real CPU tensors, simulated on fake ones)."""
     for param in erasers.parameters():
         param.grad = None
     with FlopCounter() as counter, LiveTensorTracker() as tracker:
-        eraser_losses_backward(transformer, erasers, *inputs.args(), loss)
+        eraser_losses_backward(transformer, erasers, *inputs.args(), loss, activations=activations)
     return tracker.peak_bytes, counter.flops
 
 
@@ -272,6 +295,12 @@ def build_transformer(config: dict, setting: Setting, dtype: torch.dtype, **over
     return transformer
 
 
+def offloaded_bytes(offloader) -> int:
+    """Bytes an activation offloader (activation_offload.py) sent to the host; 0 for the no-op context."""
+    counters = getattr(offloader, "counters", None)
+    return counters.bytes_to_host if counters is not None else 0
+
+
 def _fake_erasers(transformer: nn.Module, rank: int, mode) -> object:
     """attach_erasers for a fake transformer: fake parameters cannot be `.to()`-converted, so the small fp32
     adapters are created for real outside the mode and then swapped for fake copies."""
@@ -282,19 +311,16 @@ def _fake_erasers(transformer: nn.Module, rank: int, mode) -> object:
     return erasers
 
 
-def device_weight_bytes(transformer: nn.Module, offload: str = "none", depth: int | None = None) -> int:
+def device_weight_bytes(transformer: nn.Module, swap: int = 0, depth: int | None = None) -> int:
     """Transformer bytes on the device at `depth` blocks (default: the model's own), from identical blocks.
-    `offload: blocks` keeps what is outside the blocks plus BlockOffloader's two slots, each the size of the
-    largest block's flat buffer (`aligned_bytes` per tensor)."""
+    `swap` streamed blocks are replaced by BlockOffloader's slots (two, or one per streamed block when fewer),
+    each the size of a block's flat buffer (`aligned_bytes` per tensor)."""
     blocks = transformer.transformer_blocks
+    depth = depth or len(blocks)
     outside = tensor_bytes(transformer) - sum(tensor_bytes(block) for block in blocks)
-    if offload == "blocks":
-        slot = max(
-            sum(aligned_bytes(t) for t in _unique([*b.parameters(), *b.buffers()]))
-            for b in blocks
-        )
-        return outside + 2 * slot
-    return outside + (depth or len(blocks)) * tensor_bytes(blocks[0])
+    slot = sum(aligned_bytes(t) for t in _unique([*blocks[0].parameters(), *blocks[0].buffers()]))
+    swap = min(swap, depth)
+    return outside + (depth - swap) * tensor_bytes(blocks[0]) + min(swap, 2) * slot
 
 
 def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -312,12 +338,16 @@ class Predictor:
 
     def __init__(self, config: dict, video: VideoConfig, rank: int, loss: LossConfig,
                  dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton",
-                 text_config: dict | None = None, vae_config: dict | None = None):
+                 text_config: dict | None = None, vae_config: dict | None = None, speeds: Speeds = Speeds(),
+                 offload_min_bytes: int | None = None):
         if int8_backend not in ("triton", "int8"):
             raise PlanError(f"int8_backend must be 'triton' or 'int8', got {int8_backend!r}")
         self.config, self.video, self.rank, self.loss, self.dtype = config, video, rank, loss, dtype
         self.int8_backend = int8_backend
         self.text_config, self.vae_config = text_config, vae_config
+        self.speeds = speeds
+        # activation offload leaves smaller saved tensors alone (activation_offload.MIN_BYTES unless given)
+        self.offload_options = {} if offload_min_bytes is None else {"min_bytes": offload_min_bytes}
         self.depth = config.get("num_layers", 30)
         self._steps: dict[tuple[str, bool, int, int], Prediction] = {}
         self._weights: dict[tuple[str, str], int] = {}
@@ -329,7 +359,7 @@ class Predictor:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         quantize = "int8" if setting.quantize == "int8" and self.int8_backend == "int8" else "none"
-        key = (quantize, setting.checkpointing, setting.batch, layers)
+        key = (quantize, setting.checkpointing, setting.offload_activations, setting.batch, layers)
         if key not in self._steps:
             with FakeTensorMode() as mode:
                 transformer = build_transformer(self.config, replace(setting, quantize=quantize), self.dtype,
@@ -338,9 +368,13 @@ class Predictor:
             erasers.kernels = "torch"  # the Triton kernels cannot run on fake tensors
             with mode:
                 inputs = step_inputs(transformer, self.video, setting.batch, self.dtype)
-                step_peak, flops = measure_step(transformer, erasers, inputs, self.loss)
+                offloader = offload_activations(setting.offload_activations, "cpu", mode="simulate",
+                                                **self.offload_options)
+                step_peak, flops = measure_step(transformer, erasers, inputs, self.loss, activations=offloader)
             # fp32 adapters + AdamW's exp_avg and exp_avg_sq; their gradients are part of the step
-            self._steps[key] = Prediction(setting, 0, 3 * tensor_bytes(erasers), inputs.nbytes, step_peak, flops)
+            counters = getattr(offloader, "counters", None)
+            self._steps[key] = Prediction(setting, 0, 3 * tensor_bytes(erasers), inputs.nbytes, step_peak, flops,
+                                          offloaded_bytes(offloader), counters.host_pool_bytes if counters else 0)
         return replace(self._steps[key], setting=setting)
 
     def predict(self, setting: Setting) -> Prediction:
@@ -359,12 +393,54 @@ class Predictor:
         """Device weight bytes of the setting, from a 1-block fake model."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        key = (setting.quantize, setting.offload)
+        key = (setting.quantize, setting.swap)
         if key not in self._weights:
             with FakeTensorMode():
                 transformer = build_transformer(self.config, setting, self.dtype, num_layers=1)
-                self._weights[key] = device_weight_bytes(transformer, setting.offload, self.depth)
+                self._weights[key] = device_weight_bytes(transformer, setting.swap, self.depth)
         return self._weights[key]
+
+    def _passes(self, setting: Setting) -> tuple[int, int, int]:
+        """(frozen forwards, student forwards, forward-equivalents of one backward pass) of a step."""
+        frozen, student = 2 + (self.loss.beta > 0 and self.loss.anchor == "empty"), 1 + (self.loss.beta > 0)
+        return frozen, student, 3 if setting.checkpointing else 2
+
+    def moved_bytes(self, setting: Setting) -> int:
+        """Host<->device bytes of one step: every pass copies each streamed block, except the two a pass turned
+        round on (BlockOffloader keeps them; tests/test_offload.py counts the same), plus the offloaded
+        activations out and back."""
+        frozen, student, _ = self._passes(setting)
+        swap = min(setting.swap, self.depth)
+        passes = frozen + student + (student if setting.checkpointing else 0)
+        copies = max(0, passes * swap - 4 * student) if swap > 2 else 0
+        return copies * self._blocks_bytes(setting) // self.depth + 2 * self.predict(setting).offloaded
+
+    def step_seconds(self, setting: Setting, speeds: Speeds) -> float:
+        """Predicted seconds per training step: compute at `speeds.tflops`, streamed block weights and offloaded
+        activations at `speeds.h2d_gbps`, each copy overlapped with the compute of the block it runs beside
+        (per block: max(compute, copies in the same direction)).
+
+        A step is F frozen forwards, S student forwards and, with checkpointing, S recomputation+backward passes
+        of every block (3 forward-equivalents each: recompute, input grad, adapter grad); the FLOPs counted in
+        the simulated step are spread over those passes and blocks. A streamed block is copied in every pass
+        (host -> device); offloaded activations go device -> host in the student forwards (the other direction
+        of the link) and come back host -> device in the backward passes, beside that pass's weight copies."""
+        step = self.predict(setting)
+        frozen, student, backward_units = self._passes(setting)
+        units = frozen + student + backward_units * student
+        per_unit = step.flops / (speeds.tflops * 1e12) / units / self.depth  # one block, one forward-equivalent
+        bandwidth = speeds.h2d_gbps * 1e9
+        block = self._blocks_bytes(setting) / self.depth / bandwidth if setting.swap > 2 else 0.0
+        activations = step.offloaded / student / self.depth / bandwidth  # one block's saved inputs, one pass
+        swapped, resident = min(setting.swap, self.depth), self.depth - min(setting.swap, self.depth)
+        seconds = 0.0
+        for passes, compute, weights, down, up in (
+            (frozen, per_unit, block, 0.0, 0.0),
+            (student, per_unit, block, activations, 0.0),
+            (student, backward_units * per_unit, block, 0.0, activations),
+        ):
+            seconds += passes * (swapped * max(compute, weights + up, down) + resident * max(compute, up, down))
+        return seconds
 
 
     def _memo(self, key: tuple, make):
@@ -401,7 +477,7 @@ class Predictor:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             with FakeTensorMode():
-                transformer = build_transformer(self.config, replace(setting, offload="none"), self.dtype, num_layers=1)
+                transformer = build_transformer(self.config, replace(setting, swap=0), self.dtype, num_layers=1)
                 return self.depth * sum(aligned_bytes(t) for t in _unique(
                     [*transformer.transformer_blocks[0].parameters(), *transformer.transformer_blocks[0].buffers()]))
         return self._memo(("blocks", setting.quantize), make)
@@ -414,17 +490,24 @@ class Predictor:
         seq_len = self.config.get("max_text_seq_length", 226)
         text_dim = self.config.get("text_embed_dim", 4096)
         embeddings = (2 * run.prompts + 1) * seq_len * text_dim * self.dtype.itemsize  # kept on the CPU
-        host = self._blocks_bytes(setting) if setting.offload == "blocks" else 0
-        host += embeddings
+        # the streamed blocks' pinned host buffers (CUDA's host allocator rounds each up to a power of two)
+        streamed = pinned_allocation_bytes(self._blocks_bytes(setting) // self.depth) * min(setting.swap, self.depth)
+        host = streamed + embeddings
         prompts = 2 * run.prompts + 1  # targets, their twins and "": what text.py encodes
         text_on_gpu = self._memo(("text", prompts, True), lambda: text_stage(
             self.text_config, prompts, seq_len, self.dtype, on_gpu=True))
         on_gpu = run.text_encoder == "cuda" or (run.text_encoder == "auto" and 0 < text_on_gpu.needs <= budget)
         stages = [text_on_gpu if on_gpu else self._memo(("text", prompts, False), lambda: text_stage(
             self.text_config, prompts, seq_len, self.dtype, on_gpu=False))]
-        full = self.weights(Setting("none", False, "none"))
-        stages.append(Stage("loading the transformer", 0, full,
-                            "read in full precision on the CPU, then quantised and moved"))
+        full = self.weights(Setting("none", False))
+        if run.blockwise_load:  # streamed blocks stay on the host; the others pass through one at a time
+            one_block = self._blocks_bytes(Setting("none", False)) // self.depth
+            loading = full - self.depth * one_block + one_block + streamed
+            stages.append(Stage("loading the transformer", 0, loading,
+                                "block by block from the safetensors: one full-precision block in host RAM"))
+        else:
+            stages.append(Stage("loading the transformer", 0, full,
+                                "read in full precision on the CPU, then quantised and moved"))
         cfg = 2 if run.cfg else 1
         if run.sampling == "renoise":
             peak, inputs = self.forward_peak(setting, cfg * run.sampling_batch)
@@ -434,8 +517,10 @@ class Predictor:
             peak, inputs = self.forward_peak(setting, cfg * setting.batch)
             stages.append(Stage("trajectory sampling", step.weights + 3 * adapters + peak + inputs, host,
                                 f"no-grad forward at batch {cfg * setting.batch} (CFG), in the loop"))
-        stages.append(Stage("training step", step.peak, host, "teacher + student passes, backward"))
-        return ProcessPrediction(step, stages, on_gpu)
+        stages.append(Stage("training step", step.peak, host + step.pinned,
+                            "teacher + student passes, backward"))
+        return ProcessPrediction(step, stages, on_gpu, self.step_seconds(setting, self.speeds),
+                                 self.moved_bytes(setting))
 
     def infer(self, budget: int) -> "InferPrediction":
         """`lowmem-eraser infer` (bf16 weights, CFG batch 2): the fastest pipeline offload and VAE decode
@@ -444,7 +529,7 @@ class Predictor:
         text = self._memo(("text", 2, True), lambda: text_stage(self.text_config, 2, seq_len, self.dtype, True))
         t5_weights = text.host
         t5_act = text.gpu - t5_weights
-        transformer = self.weights(Setting("none", False, "none"))
+        transformer = self.weights(Setting("none", False))
         peak, inputs = self.forward_peak(Setting("none", False), 2)
         shape = (1, self.config.get("in_channels", 16), latent_frames(self.video.frames),
                  self.video.height // 8, self.video.width // 8)
@@ -485,6 +570,7 @@ class RunSpec:
     cfg: bool = True  # sampling.guidance_scale > 1: the sampling forwards run at twice the batch
     prompts: int = 8  # prompt pairs: text batches, embeddings kept on the CPU
     text_encoder: str = "auto"  # memory.text_encoder
+    blockwise_load: bool = True  # memory.blockwise_load
 
 
 @dataclass
@@ -494,6 +580,8 @@ class ProcessPrediction:
     step: Prediction
     stages: list[Stage]
     text_on_gpu: bool
+    seconds: float = 0.0  # predicted training step time (Predictor.step_seconds)
+    moved: int = 0  # host<->device bytes per step (Predictor.moved_bytes)
 
     @property
     def setting(self) -> Setting:
@@ -532,7 +620,7 @@ class InferPrediction:
 
 def _extrapolate(a: Prediction, b: Prediction, steps: int, setting: Setting) -> Prediction:
     """a + steps·(b − a), field by field."""
-    fields = ("weights", "adapter_state", "inputs", "step_peak", "flops")
+    fields = ("weights", "adapter_state", "inputs", "step_peak", "flops", "offloaded", "pinned")
     values = {name: getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)) for name in fields}
     return Prediction(setting, **values)
 
@@ -551,6 +639,8 @@ class Plan:
     infer: InferPrediction | None = None
     dtype: torch.dtype = torch.bfloat16
     configured: ProcessPrediction | None = None  # the --config's own memory setting
+    depth: int = 30
+    speeds: Speeds = Speeds()
 
 
 @dataclass
@@ -569,18 +659,43 @@ def model_spec(model: str | Path) -> ModelSpec:
     return ModelSpec(name, config, text_encoder_config(model, preset), vae_config(model, preset))
 
 
+def fewest_streamed(predictor: "Predictor", setting: Setting, run: RunSpec, budget: int) -> int | None:
+    """The fewest streamed blocks (3..depth-1) with which `setting`'s whole process fits `budget`; None when it
+    fits resident or does not fit even with every block streamed. Streaming 1 or 2 blocks saves nothing: the
+    two slots then simply hold them."""
+    depth = predictor.depth
+    fits = [predictor.process(replace(setting, swap=n), run, budget).fits(budget) for n in (0, depth)]
+    if fits[0] or not fits[1]:
+        return None
+    low, high = 2, depth  # process(low) does not fit, process(high) does: the device bytes fall with each block
+    while high - low > 1:
+        middle = (low + high) // 2
+        if predictor.process(replace(setting, swap=middle), run, budget).fits(budget):
+            high = middle
+        else:
+            low = middle
+    return high if high < depth else None
+
+
 def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
               max_batch: int = 8, run: RunSpec = RunSpec(), dtype: torch.dtype = torch.bfloat16,
-              batch: int = 1, configured: Setting | None = None) -> Plan:
-    """Predict every setting's whole process at `batch`, pick the fastest that fits, see how far its batch can
-    grow; and plan `infer` for the same budget."""
+              batch: int = 1, configured: Setting | None = None, speeds: Speeds = Speeds()) -> Plan:
+    """Predict every rung's whole process at `batch` (no, some or all blocks streamed; activations offloaded
+    or not; int8 or not; checkpointing or not), pick the one with the shortest predicted step among those that
+    fit, see how far its batch can grow; and plan `infer` for the same budget."""
     began = time.perf_counter()
     spec = model_spec(model)
     predictor = Predictor(spec.transformer, video, rank, loss, dtype, text_config=spec.text_encoder,
-                          vae_config=spec.vae)
-    candidates = [predictor.process(replace(setting, batch=batch), run, budget) for setting in SETTINGS]
+                          vae_config=spec.vae, speeds=speeds)
+    settings = [replace(setting, batch=batch) for setting in ladder(predictor.depth)]
+    for setting in [s for s in settings if s.checkpointing and s.swap == 0]:
+        partial = fewest_streamed(predictor, setting, run, budget)
+        if partial is not None:
+            settings.append(replace(setting, swap=partial))
+    candidates = [predictor.process(setting, run, budget) for setting in settings]
     fitting = [c for c in candidates if c.fits(budget)]
-    pick = min(fitting, key=lambda c: c.setting.speed_rank()) if fitting else None
+    # equal predicted times (copies hidden behind compute): the one that moves fewer bytes has more headroom
+    pick = min(fitting, key=lambda c: (round(c.seconds, 2), c.moved, c.setting.speed_rank())) if fitting else None
     if pick is not None:
         batch += 1
         while batch <= max_batch:
@@ -592,7 +707,7 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
     infer = predictor.infer(budget)
     own = predictor.process(configured, run, budget) if configured is not None else None
     return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer,
-                dtype, own)
+                dtype, own, predictor.depth, speeds)
 
 
 def _gib(n: int) -> str:
@@ -611,10 +726,10 @@ def _stage_lines(title: str, process: ProcessPrediction, budget: int) -> list[st
     return lines
 
 
-def configured_setting(memory: MemoryConfig, batch: int) -> Setting:
+def configured_setting(memory: MemoryConfig, batch: int, depth: int) -> Setting:
     """The planner's Setting for a config's `memory` (every 8-bit backend keeps int8 weights)."""
-    return Setting("none" if memory.quantize == "none" else "int8", memory.gradient_checkpointing, memory.offload,
-                   batch)
+    return Setting("none" if memory.quantize == "none" else "int8", memory.gradient_checkpointing,
+                   memory.streamed_blocks(depth), memory.offload_activations, batch)
 
 
 def format_plan(plan: Plan) -> str:
@@ -625,21 +740,27 @@ def format_plan(plan: Plan) -> str:
         f"{run.text_encoder}, {str(plan.dtype).removeprefix('torch.')}, budget {plan.budget / GiB:.1f} GiB",
         f"needs = predicted allocated peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + "
         f"{CUDA_CONTEXT_BYTES / GiB:.1f} GiB (CUDA context); a process fits when every stage's needs <= budget",
+        f"s/step = predicted at {plan.speeds.tflops:g} TFLOP/s and {plan.speeds.h2d_gbps:g} GB/s host<->device, "
+        "copies overlapped with each block's compute (--tflops, --h2d-gbps: state your GPU's)",
         "",
-        f"{'quantize':<8} {'ckpt':<4} {'offload':<7} {'batch':>5} {'weights':>8} {'step':>8} {'step peak':>9} "
-        f"{'T5 on':>5} {'process needs':>13} {'host RAM':>8} {'TFLOP/step':>10}  fits",
+        f"{'quantize':<8} {'ckpt':<4} {'swap':>5} {'act->CPU':<8} {'batch':>5} {'weights':>8} {'step':>8} "
+        f"{'step peak':>9} {'T5 on':>5} {'process needs':>13} {'host RAM':>8} {'TFLOP/step':>10} {'GB moved':>8} "
+        f"{'s/step':>7}  fits",
     ]
     for c in plan.candidates:
         s, step = c.setting, c.step
         mark = "  <- pick" if c is plan.pick else ""
+        swap = "all" if s.swap >= plan.depth else str(s.swap)
         lines.append(
-            f"{s.quantize:<8} {'on' if s.checkpointing else 'off':<4} {s.offload:<7} {s.batch:>5} "
+            f"{s.quantize:<8} {'on' if s.checkpointing else 'off':<4} {swap:>5} "
+            f"{'on' if s.offload_activations else 'off':<8} {s.batch:>5} "
             f"{_gib(step.weights):>8} {_gib(step.step_peak):>8} {_gib(step.peak):>9} "
-            f"{'GPU' if c.text_on_gpu else 'CPU':>5} {_gib(c.needs):>13} {_gib(c.host):>8} {step.flops / 1e12:>10.1f}  "
-            f"{'yes' if c.fits(plan.budget) else 'no'}{mark}"
+            f"{'GPU' if c.text_on_gpu else 'CPU':>5} {_gib(c.needs):>13} {_gib(c.host):>8} {step.flops / 1e12:>10.1f} "
+            f"{c.moved / 1e9:>8.1f} {c.seconds:>7.2f}  {'yes' if c.fits(plan.budget) else 'no'}{mark}"
         )
     lines.append("")
-    shown = plan.pick or min(plan.candidates[: len(SETTINGS)], key=lambda c: c.needs)
+    shown = plan.pick or min((c for c in plan.candidates if c.setting.batch == plan.candidates[0].setting.batch),
+                             key=lambda c: c.needs)
     lines += _stage_lines(f"stages of {'the pick' if plan.pick else 'the leanest setting'}", shown, plan.budget)
     if plan.configured is not None:
         lines += _stage_lines("stages of the config's own setting", plan.configured, plan.budget)
@@ -656,7 +777,8 @@ def format_plan(plan: Plan) -> str:
         batches = [c.setting.batch for c in plan.candidates
                    if c.setting.label == plan.pick.setting.label and c.fits(plan.budget)]
         lines.append(f"pick: {plan.pick.setting.label}, text encoder on the "
-                     f"{'GPU' if plan.pick.text_on_gpu else 'CPU'} (fastest that fits; batch up to {max(batches)} fits)")
+                     f"{'GPU' if plan.pick.text_on_gpu else 'CPU'} (shortest predicted step that fits, "
+                     f"{plan.pick.seconds:.2f} s; batch up to {max(batches)} fits)")
     if plan.infer is not None:
         inf = plan.infer
         stages = ", ".join(f"{st.name.removeprefix('infer: ')} {_gib(st.needs)}" for st in inf.stages)
@@ -665,8 +787,8 @@ def format_plan(plan: Plan) -> str:
                      f"needs GiB: {stages})")
     lines.append(
         f"planned in {plan.seconds:.1f} s: steps and forwards simulated under FakeTensorMode on {SIM_DEPTHS[0]}- and "
-        f"{SIM_DEPTHS[1]}-block copies and extrapolated to the full depth; offload modelled analytically "
-        "(block weights -> 2 slots); batch > 2 extrapolated linearly"
+        f"{SIM_DEPTHS[1]}-block copies and extrapolated to the full depth (activation offload simulated in the step); "
+        "streamed blocks modelled analytically (N blocks -> 2 slots); batch > 2 extrapolated linearly"
     )
     return "\n".join(lines)
 
@@ -680,7 +802,10 @@ def write_config(plan: Plan, model: str | Path, path: str | Path, base: TrainCon
     memory = MemoryConfig(
         quantize="auto" if s.quantize == "int8" else "none",
         gradient_checkpointing=s.checkpointing,
-        offload=s.offload,
+        offload=s.offload(plan.depth),
+        offload_activations=s.offload_activations,
+        blockwise_load=plan.run.blockwise_load,
+        int8_cache=base.memory.int8_cache if base else False,
         dtype=str(plan.dtype).removeprefix("torch."),
         kernels=base.memory.kernels if base else "auto",
         text_encoder=plan.run.text_encoder,  # auto re-checks the free memory at run time
@@ -702,7 +827,9 @@ def write_config(plan: Plan, model: str | Path, path: str | Path, base: TrainCon
         )
     header = [
         f"# Written by `lowmem-eraser plan`: predicted process peak {plan.pick.gpu / GiB:.2f} GiB allocated, "
-        f"{plan.pick.needs / GiB:.2f} GiB needed (budget {plan.budget / GiB:.1f} GiB).",
+        f"{plan.pick.needs / GiB:.2f} GiB needed (budget {plan.budget / GiB:.1f} GiB), host RAM "
+        f"{plan.pick.host / GiB:.2f} GiB, {plan.pick.seconds:.2f} s/step at {plan.speeds.tflops:g} TFLOP/s and "
+        f"{plan.speeds.h2d_gbps:g} GB/s.",
         "# Edit prompts, concept and output_dir" + (" and point `model` at your local folder." if preset else ".")
         if base is None else f"# From {base.output_dir}'s config: only `memory` was changed.",
     ]
@@ -718,7 +845,7 @@ def plan_defaults(config_path: str | None) -> dict:
     `config` is the parsed TrainConfig (None without one): `--config-out` starts from it."""
     defaults = dict(model=None, frames=49, height=480, width=720, rank=128, alpha=1.0, beta=0.5,
                     sampling="renoise", sampling_batch=1, cfg=True, prompts=8, text_encoder="auto",
-                    loss=LossConfig(alpha=1.0, beta=0.5), dtype="bfloat16", batch=1, config=None)
+                    loss=LossConfig(alpha=1.0, beta=0.5), dtype="bfloat16", batch=1, config=None, blockwise_load=True)
     if config_path is None:
         return defaults
     from .config import load_prompt_pairs
@@ -736,7 +863,16 @@ def plan_defaults(config_path: str | None) -> dict:
                 alpha=config.loss.alpha, beta=config.loss.beta, sampling=config.sampling.mode,
                 sampling_batch=config.sampling.batch_size, cfg=config.sampling.guidance_scale > 1, prompts=prompts,
                 text_encoder=config.memory.text_encoder, loss=config.loss, dtype=config.memory.dtype,
-                batch=config.train.batch_size, config=config)
+                batch=config.train.batch_size, config=config, blockwise_load=config.memory.blockwise_load)
+
+
+def check_speeds(tflops: float | None, h2d_gbps: float | None) -> Speeds:
+    """The step-time model's rates: the given ones, the defaults for those not given."""
+    for name, value in (("--tflops", tflops), ("--h2d-gbps", h2d_gbps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PlanError(f"{name}: expected a positive number, got {value}")
+    default = Speeds()
+    return Speeds(tflops if tflops is not None else default.tflops, h2d_gbps if h2d_gbps is not None else default.h2d_gbps)
 
 
 def check_rank(rank: int) -> int:

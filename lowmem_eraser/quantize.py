@@ -18,9 +18,11 @@ BACKENDS = ("auto", "int8", "triton", "bnb")
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel absmax int8: returns (qweight int8 [out, in], scale fp32 [out])."""
-    w = weight.detach().to(torch.float32)
+    # In place on one fp32 copy (the same values as `round(w / scale).clamp()`): loading quantises on the host,
+    # where every full-size temporary of a 5b linear is 150 MB more peak RAM.
+    w = weight.detach().to(torch.float32, copy=True)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    qweight = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return qweight, scale
 
 
@@ -81,6 +83,35 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def quantize_linears(module: nn.Module, backend: str = "auto") -> int:
+    """Replace each `nn.Linear` below `module` with a frozen 8-bit linear, in place; returns how many were
+    replaced (0: nothing to do, no error).
+
+    The unit `quantize_base` applies to all of `transformer_blocks` at once and the block-by-block loader
+    (lowram_load.py) to one block at a time, so both produce the same modules and the same weights."""
+    # (parent, name) rather than the linears themselves: each full-precision weight is freed as soon as its
+    # linear is replaced, so at most one linear is held twice (full and 8-bit) at any time.
+    targets = [
+        (parent, child_name)
+        for parent in module.modules()
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    if not targets:
+        return 0
+    chosen = resolve_backend(backend, getattr(*targets[0]).weight.device)
+    for parent, child_name in targets:
+        linear = getattr(parent, child_name)
+        if chosen == "bnb":
+            replacement = _bnb_linear(linear)
+        else:
+            replacement = Int8Linear.from_linear(linear, use_triton=chosen == "triton")
+        setattr(parent, child_name, replacement)
+        del linear, replacement
+    module.requires_grad_(False)
+    return len(targets)
+
+
 def quantize_base(transformer: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace each `nn.Linear` inside `transformer.transformer_blocks` with a frozen 8-bit linear, in place.
 
@@ -91,20 +122,7 @@ def quantize_base(transformer: nn.Module, backend: str = "auto") -> nn.Module:
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None:
         raise LowmemEraserError(f"{type(transformer).__name__} has no `transformer_blocks` to quantise")
-    targets = [
-        (parent, child_name, child)
-        for parent in blocks.modules()
-        for child_name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
-    if not targets:
+    if quantize_linears(blocks, backend) == 0:
         raise LowmemEraserError("quantize_base: no nn.Linear left in transformer_blocks (already quantised?)")
-    chosen = resolve_backend(backend, targets[0][2].weight.device)
-    for parent, child_name, linear in targets:
-        if chosen == "bnb":
-            replacement = _bnb_linear(linear)
-        else:
-            replacement = Int8Linear.from_linear(linear, use_triton=chosen == "triton")
-        setattr(parent, child_name, replacement)
     transformer.requires_grad_(False)
     return transformer

@@ -12,6 +12,7 @@ encoder runs once and is freed before the transformer loads (text.py) and the VA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,8 @@ from .errors import LowmemEraserError
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
 from .memory import MemoryMeter, configure_cuda_allocator
+from .activation_offload import offload_activations
+from .lowram_load import load_transformer_blockwise
 from .offload import BlockOffloader
 from .quantize import quantize_base, resolve_backend
 from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
@@ -50,25 +53,38 @@ class TrainingError(LowmemEraserError):
     """Training cannot go on (e.g. the loss stayed non-finite)."""
 
 
-def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device):
-    """The one frozen base: loaded on CPU, optionally quantised there, then moved (or streamed) to `device`."""
+def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device, cache: Path | None = None):
+    """The one frozen base, optionally 8-bit, with the first `memory.offload` blocks streamed from the host.
+
+    `memory.blockwise_load` reads and quantises it block by block (lowram_load.py: host RAM holds one
+    full-precision block, plus the streamed blocks); otherwise it is loaded whole on the CPU, quantised there and
+    moved. `memory.int8_cache` keeps the quantised copy in `cache` for the next run."""
     from diffusers import CogVideoXTransformer3DModel
 
-    transformer = from_pretrained_or_error(CogVideoXTransformer3DModel, config.model / "transformer", torch_dtype=dtype)
-    transformer.requires_grad_(False)
-    if config.memory.quantize != "none":
-        quantize_base(transformer, backend=resolve_backend(config.memory.quantize, device))
-    if config.memory.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    if config.memory.offload == "blocks" and device.type == "cuda":
-        for name, module in transformer.named_children():
-            if name != "transformer_blocks":
-                module.to(device)
-        BlockOffloader(transformer, device).attach()
+    memory = config.memory
+    backend = "none" if memory.quantize == "none" else resolve_backend(memory.quantize, device)
+    depth = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["num_layers"]
+    streamed = memory.streamed_blocks(depth) if device.type == "cuda" else 0
+    if memory.offload != "none" and device.type != "cuda":
+        logger.info("memory.offload: %s needs CUDA; on this device every weight stays where it is (no-op)",
+                    memory.offload)
+    if memory.blockwise_load:
+        transformer = load_transformer_blockwise(
+            config.model / "transformer", dtype, backend, device, host_blocks=range(streamed),
+            int8_cache=cache if memory.int8_cache else None)
     else:
-        if config.memory.offload == "blocks":
-            tqdm.write("offload: blocks needs CUDA; on this device every weight stays where it is (no-op)")
-        transformer.to(device)
+        transformer = from_pretrained_or_error(CogVideoXTransformer3DModel, config.model / "transformer",
+                                               torch_dtype=dtype)
+        transformer.requires_grad_(False)
+        if backend != "none":
+            quantize_base(transformer, backend=backend)
+        for name, module in transformer.named_children():
+            if name != "transformer_blocks" or not streamed:
+                module.to(device)
+    if memory.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if streamed:  # streams the first `streamed` blocks, moves the others to the device
+        BlockOffloader(transformer, device, blocks=streamed).attach()
     return transformer
 
 
@@ -97,12 +113,16 @@ def velocity(transformer, x_t, t, text, rotary):
     )[0]
 
 
-def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, rotary, frames, loss_cfg):
+def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, rotary, frames, loss_cfg,
+                           activations=None):
     """One T2VUnlearning step's passes: computes the losses and accumulates their gradients in the adapters.
 
+    `activations`: a context manager entered around each pass that builds a graph (the student passes), e.g.
+    activation_offload.offload_activations(...); None keeps saved activations where autograd puts them.
     Returns the detached loss terms {"loss", "unlearn", "loc", "pre"}. Used by the loop below and by the
     benchmarks and the memory planner, so that all of them measure the same step.
     """
+    saving = activations if activations is not None else contextlib.nullcontext()
     # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
     anchored = loss_cfg.anchor == "preservation"  # v_neg starts from v(x_t, c_pre) instead of v(x_t, ∅)
     with torch.no_grad(), erasers_disabled(transformer):
@@ -124,17 +144,20 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
     # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
     loc = torch.zeros((), device=x_t.device)
     if loss_cfg.alpha > 0:
-        with erasers.collecting_localization(mask) as terms:
+        with erasers.collecting_localization(mask) as terms, saving:
             v_erased = velocity(transformer, x_t, t, c, rotary)
         loc = torch.stack(terms).mean()
     else:
-        v_erased = velocity(transformer, x_t, t, c, rotary)
+        with saving:
+            v_erased = velocity(transformer, x_t, t, c, rotary)
     unlearn = F.mse_loss(v_erased.float(), v_neg)
     (unlearn + loss_cfg.alpha * loc).backward()
     del v_erased, v_neg
     pre = torch.zeros((), device=x_t.device)
     if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
-        pre = F.mse_loss(velocity(transformer, x_t, t, c_pre, rotary).float(), v_pre)
+        with saving:
+            v_erased_pre = velocity(transformer, x_t, t, c_pre, rotary)
+        pre = F.mse_loss(v_erased_pre.float(), v_pre)
         (loss_cfg.beta * pre).backward()
     unlearn, loc, pre = unlearn.detach(), loc.detach(), pre.detach()
     return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre, "unlearn": unlearn, "loc": loc, "pre": pre}
@@ -247,10 +270,14 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
 
         # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
         phase = "loading the transformer"
-        transformer = load_transformer(config, dtype, device)
+        transformer = load_transformer(config, dtype, device, out / "cache")
         erasers = attach_erasers(transformer, rank=config.eraser.rank)
         erasers.to(device)
         erasers.kernels = config.memory.kernels
+        if config.memory.offload_activations and device.type != "cuda":
+            logger.info("memory.offload_activations needs CUDA; on this device activations stay where they are")
+        activations = offload_activations(config.memory.offload_activations and device.type == "cuda", device,
+                                          model=transformer)
         scheduler = load_scheduler(config.model)
         pipe = make_pipeline(transformer, scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -311,7 +338,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                 with meter.step():
                     losses = eraser_losses_backward(
                         transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], rotary, frames,
-                        loss_cfg,
+                        loss_cfg, activations=activations,
                     )
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 

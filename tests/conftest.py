@@ -51,3 +51,12 @@ def transformer():
 @pytest.fixture
 def inputs():
     return tiny_inputs()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps: a second thread only adds contention on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -92,7 +92,10 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
         ({"video.width": 700}, "video.width: expected a positive multiple of 16, got 700"),
         ({"sampling.mode": "noise"}, "sampling.mode: expected one of renoise, trajectory; got 'noise'"),
         ({"memory.quantize": "int4"}, "memory.quantize: expected one of none, int8, triton, bnb, auto; got 'int4'"),
-        ({"memory.offload": "cpu"}, "memory.offload: expected one of none, blocks; got 'cpu'"),
+        ({"memory.offload": "cpu"},
+         "memory.offload: expected none, all (or blocks) or a number of blocks to stream, got 'cpu'"),
+        ({"memory.offload": -3}, "memory.offload: expected none, all (or blocks) or a number of blocks to stream"),
+        ({"memory.offload": True}, "memory.offload: expected none, all (or blocks) or a number of blocks to stream"),
         ({"memory.dtype": "fp16"}, "memory.dtype: expected one of bfloat16, float16, float32; got 'fp16'"),
         ({"memory.kernels": "cuda"}, "memory.kernels: expected one of auto, triton, torch; got 'cuda'"),
         ({"memory.gradient_checkpointing": "yes"}, "memory.gradient_checkpointing: expected true or false"),
@@ -105,7 +108,11 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
         ({"prompts": "missing.csv"}, "prompts: missing.csv not found"),
         ({"prompts": "pairs.txt"}, "prompts: expected a .csv, .yaml or .yml file"),
         ({"memory.offload": "blocks", "memory.gradient_checkpointing": False},
-         "memory.offload: blocks needs memory.gradient_checkpointing: true"),
+         "memory.offload: all needs memory.gradient_checkpointing: true"),
+        ({"memory.offload": 2, "memory.gradient_checkpointing": False},
+         "memory.offload: 2 needs memory.gradient_checkpointing: true"),
+        ({"memory.offload_activations": True, "memory.gradient_checkpointing": False},
+         "memory.offload_activations: true needs memory.gradient_checkpointing: true"),
         ({"sampling.mode": "trajectory", "sampling.num_inference_steps": 1},
          "sampling.num_inference_steps: trajectory sampling needs at least 2 steps"),
     ],
@@ -130,7 +137,7 @@ def test_numbers_written_without_a_dot_are_accepted(config_file):
 
 def test_overrides(config_file):
     config = load_config(config_file, ["train.lr=3e-5", "video.frames=9", "memory.offload=blocks", "concept=nude"])
-    assert config.train.lr == 3e-5 and config.video.frames == 9 and config.memory.offload == "blocks"
+    assert config.train.lr == 3e-5 and config.video.frames == 9 and config.memory.offload == "all"
     assert config.concept == "nude"
     config = load_config(config_file, ["eraser={rank: 4}", "train.warmup_steps=5"])
     assert config.eraser.rank == 4 and config.train.warmup_steps == 5
@@ -320,3 +327,18 @@ def test_configs_readme_lists_every_field_and_is_up_to_date():
         expected |= {f"{spec.name}.{sub.name}" for sub in fields(kind)} if is_dataclass(kind) else {spec.name}
     assert expected - listed == set(), f"configs/README.md does not document {sorted(expected - listed)}"
     assert "not yet measured" not in text
+
+
+@pytest.mark.parametrize("value, stored, streamed", [
+    ("none", "none", 0), (0, "none", 0), ("all", "all", 3), ("blocks", "all", 3), (2, 2, 2), ("2", 2, 2)])
+def test_offload_takes_none_all_or_a_block_count(config_file, value, stored, streamed):
+    (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3}))
+    config = load_config(write_config(config_file.parent, {"memory.offload": value}))
+    assert config.memory.offload == stored and config.memory.streamed_blocks(3) == streamed
+    assert TrainConfig.from_dict(config.to_dict()).memory.offload == stored  # round-trips through YAML
+
+
+def test_streaming_more_blocks_than_the_model_has_is_refused(config_file):
+    (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3}))
+    with pytest.raises(ConfigError, match=re.escape("memory.offload: 4 blocks to stream, but ")):
+        load_config(write_config(config_file.parent, {"memory.offload": 4}))

@@ -145,3 +145,89 @@ def test_tensor_subclasses_such_as_bitsandbytes_params_are_refused():
     linear.weight = Int8Params(linear.weight.detach(), requires_grad=False)
     with pytest.raises(LowmemEraserError, match="cannot stream .*Int8Params"):
         BlockOffloader(transformer, CPU, stream=True).attach()
+
+
+def _eraser_step(transformer, erasers, inputs, beta: float):
+    """The passes of train.eraser_losses_backward in its order (3 frozen, 1-2 student forwards, 1-2 backwards)."""
+    from lowmem_eraser.config import LossConfig
+    from lowmem_eraser.train import eraser_losses_backward
+
+    erasers.zero_grad(set_to_none=True)
+    eraser_losses_backward(transformer, erasers, *inputs.args(), LossConfig(alpha=1.0, beta=beta))
+    return [p.grad.clone() for p in erasers.parameters()]
+
+
+@pytest.mark.parametrize("count,placement", [(0, "first"), (1, "first"), (2, "first"), (3, "last"), (4, "first"),
+                                             (4, "last"), (6, "first")])
+def test_partial_swap_changes_no_gradient_and_streams_only_its_blocks(count, placement):
+    from lowmem_eraser.plan import step_inputs
+
+    transformer = tiny_transformer(num_layers=6).requires_grad_(False)
+    erasers = attach_erasers(transformer, rank=8)
+    randomize_erasers(erasers)
+    transformer.enable_gradient_checkpointing()
+    inputs = step_inputs(transformer, check_video_small(), batch=1, dtype=torch.float32)
+    reference = _eraser_step(transformer, erasers, inputs, beta=0.5)
+    blocks = transformer.transformer_blocks
+    host = [block.norm1.linear.weight.data_ptr() for block in blocks]
+    with BlockOffloader(transformer, CPU, stream=True, blocks=count, placement=placement) as offloader:
+        streamed = [block.norm1.linear.weight.data_ptr() != ptr for block, ptr in zip(blocks, host)]
+        expected = list(range(count)) if placement == "first" else list(range(6 - count, 6))
+        assert sorted(offloader._host) == expected  # the streamed blocks moved into flat host buffers
+        assert streamed == [i in expected for i in range(6)]
+        copies = []
+        for _ in range(2):
+            grads = _eraser_step(transformer, erasers, inputs, beta=0.5)
+            assert all(torch.equal(g, r) for g, r in zip(grads, reference))
+            copies.append(offloader.copies - sum(copies))
+        assert offloader.slot_bytes == min(count, 2) * (max(offloader._host[i].numel() for i in expected)
+                                                        if count else 0)
+        # 7 passes a step (3 frozen, 2 student, 2 recomputations) visit each streamed block once; with more
+        # streamed blocks than slots each visit copies, except at the 4 turns (student forward -> recomputation
+        # -> student forward ...), where the two blocks the pass ended with are still in the slots.
+        assert copies[1] == (7 * count - 8 if count > 2 else 0)
+
+
+def check_video_small():
+    from lowmem_eraser.config import VideoConfig
+
+    return VideoConfig(frames=9, height=32, width=48)
+
+
+def test_the_prefetch_follows_the_step_so_only_the_first_fetch_waits():
+    """A step is 3 frozen forwards, the student forward and its recomputation (beta 0.5: twice); after the
+    first step every streamed block is copied before its pre-hook needs it, streaming the first or last half."""
+    from lowmem_eraser.plan import step_inputs
+
+    for placement in ("first", "last"):
+        transformer = tiny_transformer(num_layers=6).requires_grad_(False)
+        erasers = attach_erasers(transformer, rank=8)
+        transformer.enable_gradient_checkpointing()
+        inputs = step_inputs(transformer, check_video_small(), batch=1, dtype=torch.float32)
+        with BlockOffloader(transformer, CPU, stream=True, blocks=3, placement=placement) as offloader:
+            _eraser_step(transformer, erasers, inputs, beta=0.5)
+            first_misses = offloader.misses
+            _eraser_step(transformer, erasers, inputs, beta=0.5)
+            assert offloader.misses == first_misses, placement
+        assert first_misses <= 1
+
+
+def test_more_blocks_than_the_model_has_is_refused():
+    transformer, _ = _student()
+    with pytest.raises(LowmemEraserError, match="memory.offload: 4 blocks to stream, but the model has 3 blocks"):
+        BlockOffloader(transformer, CPU, stream=True, blocks=4).attach()
+
+
+def test_pinning_more_than_the_host_has_is_refused_before_allocating(monkeypatch):
+    from lowmem_eraser import memory
+    from lowmem_eraser.errors import HostMemoryError
+    from lowmem_eraser.offload import _block_entries, _check_host_ram
+
+    transformer, _ = _student()
+    blocks = list(transformer.transformer_blocks)
+    indexed = {i: _block_entries(block) for i, block in enumerate(blocks)}
+    monkeypatch.setattr(memory, "host_ram_available", lambda: 10)
+    with pytest.raises(HostMemoryError, match="pinning .* GiB of streamed block weights needs .* more host RAM"):
+        _check_host_ram(blocks, indexed)
+    monkeypatch.setattr(memory, "host_ram_available", lambda: 2**40)
+    _check_host_ram(blocks, indexed)

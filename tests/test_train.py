@@ -238,11 +238,13 @@ def test_one_base_copy_serves_both_kinds_of_pass(tiny_model, tmp_path):
     assert foreign == []
 
 
-def test_trajectory_sampling_and_cpu_offload_notice(tiny_model, tmp_path, capsys):
+def test_trajectory_sampling_and_cpu_offload_notice(tiny_model, tmp_path, caplog):
     config = make_config(tiny_model, tmp_path / "traj", sampling={"mode": "trajectory"}, train={"steps": 2},
-                         memory={"offload": "blocks"})
-    out = train(load_config(config))
-    assert "offload: blocks needs CUDA" in capsys.readouterr().out
+                         memory={"offload": "blocks", "offload_activations": True})
+    with caplog.at_level("INFO", logger="lowmem_eraser"):
+        out = train(load_config(config))
+    assert "memory.offload: all needs CUDA" in caplog.text
+    assert "memory.offload_activations needs CUDA" in caplog.text
     assert not list((out / "cache").glob("x0-*"))  # trajectory never builds the x0 cache
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
