@@ -89,6 +89,13 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
             paths, "fresh", output_dir=str(root / "fresh")), "--resume"], "no checkpoint"),
         ("train: --set of an unknown key", ["train", "--config", str(paths["config"]), "--set", "train.lrr=1"],
          "train.lrr"),
+        ("train: memory.offload above the block count", ["train", "--config", _config_with(
+            paths, "off", memory__offload=3)], "memory.offload"),  # the tiny model has 2 blocks
+        ("train: memory.offload not none/all/N", ["train", "--config", _config_with(
+            paths, "offw", memory__offload="lots")], "memory.offload"),
+        ("train: activation offload without checkpointing", ["train", "--config", _config_with(
+            paths, "act", memory__offload_activations=True, memory__gradient_checkpointing=False)],
+         "memory.offload_activations"),
         ("infer: --steps 0", [*infer, "--steps", "0"], "--steps"),
         ("infer: --steps -2", [*infer, "--steps", "-2"], "--steps"),
         ("infer: --strength nan", [*infer, "--strength", "nan"], "--strength"),
@@ -106,6 +113,9 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
         ("plan: bad budget", ["plan", "--model", "cogvideox-2b", "--budget", "lots"], "--budget"),
         ("plan: --rank 0", ["plan", "--model", "cogvideox-2b", "--budget", "24GB", "--rank", "0"], "--rank"),
         ("plan: --prompts 0", ["plan", "--model", "cogvideox-2b", "--budget", "24GB", "--prompts", "0"], "--prompts"),
+        ("plan: --tflops 0", ["plan", "--model", "cogvideox-2b", "--budget", "24GB", "--tflops", "0"], "--tflops"),
+        ("plan: --h2d-gbps -1", ["plan", "--model", "cogvideox-2b", "--budget", "24GB", "--h2d-gbps", "-1"],
+         "--h2d-gbps"),
         ("plan: config not readable", ["plan", "--config", str(root / "nope.yaml"), "--budget", "8GB"], "nope.yaml"),
     ]
 

@@ -43,13 +43,13 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .errors import HostMemoryError, LowmemEraserError
-from .memory import mem_available_bytes
+from .memory import HOST_RAM_RESERVE, mem_available_bytes, pinned_allocation_bytes
 
 logger = logging.getLogger(__name__)
 
 MODES = ("cuda", "emulate", "simulate")
 MIN_BYTES = 2**20  # smaller saved tensors stay where they are: a copy's fixed cost outweighs what it frees
-HOST_RESERVE_BYTES = 2 * 2**30  # host RAM left to everything else when the pool grows
+HOST_RESERVE_BYTES = HOST_RAM_RESERVE  # host RAM left to everything else when the pool grows
 MAX_IN_FLIGHT = 4  # a block saves 2-3 inputs: compute waits only if the copies fall a block behind
 MiB = 2**20
 
@@ -78,11 +78,6 @@ def offload_activations(enabled: bool, device: torch.device | str, mode: str | N
         mode = "cuda"
     return ActivationOffloader(device, mode, min_bytes=min_bytes, host_reserve_bytes=host_reserve_bytes,
                                model=model, max_in_flight=max_in_flight)
-
-
-def pinned_allocation_bytes(nbytes: int) -> int:
-    """Host RAM that pinning `nbytes` takes: torch's caching host allocator rounds up to a power of two."""
-    return 1 << max(nbytes - 1, 0).bit_length()
 
 
 @dataclass
@@ -227,8 +222,9 @@ class ActivationOffloader:
     def __exit__(self, *exc_info) -> None:
         self._hooks.__exit__(*exc_info)
         self._hooks, self._step, self._model_storages = None, None, set()
-        if self._in_flight:  # the last copies: compute waits for them, then their memory is free
+        if self._in_flight and self.mode == "cuda":  # the last copies: compute waits, then their memory is free
             self._release_copied(wait=len(self._in_flight))
+        self._in_flight = []
         if not self._reported:
             self._reported = True
             logger.log(logging.DEBUG if self.mode == "simulate" else logging.INFO,
@@ -272,11 +268,15 @@ class ActivationOffloader:
         return entry
 
     def _to_host(self, tensor: torch.Tensor, host) -> None:
-        if self.mode == "simulate":
-            return
-        if self.mode == "emulate":
-            with _disable_current_modes(), torch.no_grad():
-                host.copy_(tensor.detach())
+        if self.mode != "cuda":
+            if self.mode == "emulate":
+                with _disable_current_modes(), torch.no_grad():
+                    host.copy_(tensor.detach())
+            # On CUDA the CPU runs ahead of the copies, so up to `max_in_flight` device tensors wait for theirs;
+            # the emulated and simulated device memory keeps as many alive (the worst case) so that what they
+            # measure and predict is what a CUDA run can reach.
+            self._in_flight.append((None, tensor.detach()))
+            del self._in_flight[: -self.max_in_flight]
             return
         compute = torch.cuda.current_stream(self.device)
         self._release_copied()
@@ -357,9 +357,7 @@ class ActivationOffloader:
             tensor, entry.prefetched = entry.prefetched, None
             self.counters.on_demand += 1
         if self.mode == "cuda":
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(entry.ready)
-            tensor.record_stream(compute)  # allocated on the side stream, used and freed on this one
+            torch.cuda.current_stream(self.device).wait_event(entry.ready)
         entry.ready = None
         entry.unpacked, entry.consumed = weakref.ref(tensor.untyped_storage()), True
         self._prefetch_before(entry)
@@ -390,10 +388,15 @@ class ActivationOffloader:
                 tensor.copy_(entry.host)
             entry.prefetched = tensor
             return
-        # Allocated on the side stream: its memory needs no wait for compute work still queued, so the copy
-        # overlaps with backward; `_unpack` hands it to the compute stream with record_stream.
+        # Allocated on the compute stream, whose cached pool holds the activations forward freed (a side-stream
+        # allocation would grow a second pool and, under pressure, flush the cache with a device sync). The side
+        # stream waits for the compute queued so far -- the memory may be a block that work still reads --
+        # and so the copy overlaps with the backward of the block about to run.
+        compute = torch.cuda.current_stream(self.device)
+        tensor = entry.empty()
+        self._stream.wait_stream(compute)
         with torch.cuda.stream(self._stream), torch.no_grad():
-            tensor = entry.empty()
             tensor.copy_(entry.host, non_blocking=True)
             entry.ready = self._stream.record_event()
+        tensor.record_stream(self._stream)  # the side stream writes it: not reusable before that is done
         entry.prefetched = tensor

@@ -167,6 +167,8 @@ class TrainLoopConfig(_Section):
 def _offload_value(value: Any) -> str | int | None:
     """memory.offload as stored: "none", "all" (also written `blocks`, its old name) or a block count N >= 1
     (0 means none)."""
+    if value is False:  # YAML 1.1 reads `offload: off` / `no` / `false` as false
+        return "none"
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -199,8 +201,11 @@ class MemoryConfig(_Section):
     text_encoder: str = field(default="auto", metadata=_choices("auto", "cuda", "cpu"))
 
     def streamed_blocks(self, depth: int) -> int:
-        """How many of a `depth`-block model's blocks `offload` streams (the first ones)."""
-        return 0 if self.offload == "none" else depth if self.offload == "all" else min(int(self.offload), depth)
+        """How many of a `depth`-block model's blocks `offload` streams (BlockOffloader streams the first ones)."""
+        if self.offload not in ("none", "all") and int(self.offload) > depth:
+            raise ConfigError(f"memory.offload: {self.offload} blocks to stream, but the model has {depth} blocks "
+                              f"(use 1..{depth}, or all)")
+        return 0 if self.offload == "none" else depth if self.offload == "all" else int(self.offload)
 
 
 @dataclass
@@ -302,6 +307,10 @@ def validate(config: TrainConfig) -> None:
             f"memory.offload: {config.memory.offload} needs memory.gradient_checkpointing: true (backward re-fetches "
             "each block's weights through the recomputation)"
         )
+    if config.memory.offload != "none" and config.memory.quantize == "bnb":
+        raise ConfigError(
+            f"memory.offload: {config.memory.offload} cannot stream bitsandbytes weights (memory.quantize: bnb keeps "
+            "them in its own tensor type); use memory.quantize: int8, triton or auto with offload")
     if config.memory.offload_activations and not config.memory.gradient_checkpointing:
         raise ConfigError(
             "memory.offload_activations: true needs memory.gradient_checkpointing: true (it moves what checkpointing "

@@ -18,7 +18,6 @@ weights depend on: the source files' names, sizes and mtimes, the config, dtype 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, HostMemoryError, LowmemEraserError, ModelFileError
+from .memory import return_freed_memory
 from .quantize import quantize_linears, resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _empty_model(cls: type, config: dict, dtype: torch.dtype, folder: Path) -> n
         torch.set_default_dtype(previous)
     if not isinstance(getattr(model, BLOCKS, None), nn.ModuleList):
         raise LowmemEraserError(f"{folder}: a {cls.__name__} has no `{BLOCKS}` to load block by block; "
-                                "use the full loader")
+                                "set memory.blockwise_load: false")
     model.register_to_config(_name_or_path=str(folder))
     # from_pretrained's eval() comes before quantize_base, so the 8-bit linears made after it are in training
     # mode there (no effect on Int8Linear; bnb reads it): the same order here keeps the modules identical.
@@ -214,7 +214,7 @@ class _Checkpoint:
                 raise ModelFileError(
                     f"{bins[0]}: the low-RAM loader reads safetensors weights only (a .bin is a pickle that must "
                     "be loaded whole); convert the folder once (from_pretrained(folder).save_pretrained(folder) "
-                    f"writes {WEIGHTS_NAME}) or use the full loader")
+                    f"writes {WEIGHTS_NAME}) or set memory.blockwise_load: false")
             raise ModelFileError(f"{single}: missing: no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
         files, headers = {}, {}
         for shard in shards:
@@ -394,7 +394,7 @@ def _fill(model: nn.Module, plan: _Plan, source, kind: str, device: torch.device
         writer.add(REST_FILE, state)
     del state
     _move_except_blocks(model, device)
-    _return_freed_memory()
+    return_freed_memory()
     blocks = getattr(model, BLOCKS)
     for i, block in enumerate(blocks):
         prefix = f"{BLOCKS}.{i}."
@@ -415,7 +415,7 @@ def _fill(model: nn.Module, plan: _Plan, source, kind: str, device: torch.device
             writer.add(_block_file(i), block.state_dict())
         if i not in host:
             block.to(device)
-        _return_freed_memory()
+        return_freed_memory()
 
 
 def _assign(module: nn.Module, state: dict, from_cache: bool, skip: re.Pattern | None = None) -> None:
@@ -431,21 +431,6 @@ def _assign(module: nn.Module, state: dict, from_cache: bool, skip: re.Pattern |
     module.load_state_dict(state, strict=skip is None, assign=True)
 
 
-_MALLOC_TRIM = None  # glibc's malloc_trim, False where there is none (musl, macOS): found on first use
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed bf16 block back to the OS. Its tensors (< 32 MiB each) come from glibc's heap, and the
-    8-bit block allocated after them pins the heap's top, so free() keeps their pages resident: measured on
-    6 blocks of 2b, RSS after loading was 1.9x the loaded model without this call, 1.0x (+96 MiB) with it."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
 
 
 def _move_except_blocks(model: nn.Module, device: torch.device) -> None:

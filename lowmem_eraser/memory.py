@@ -7,6 +7,7 @@ tests and the CPU progress bar measure that; on CUDA the allocator's own peak is
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import weakref
@@ -127,16 +128,62 @@ HOST_RAM_RESERVE = 2**30  # left to the OS, the Python process and the page cach
 
 
 def mem_available_bytes() -> int | None:
-    """The kernel's estimate of host RAM available without swapping (`MemAvailable`), or None where
-    /proc/meminfo does not exist (not Linux): the callers then skip their check."""
+    """Host RAM this process can still take without swapping or being OOM-killed: the kernel's `MemAvailable`,
+    or less where a cgroup (a container, a job scheduler's slot: common on rented GPU hosts) limits the process
+    to less. None where neither is known (not Linux): the callers then skip their check."""
+    available = None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    limit = _cgroup_headroom()
+    if limit is not None:
+        available = limit if available is None else min(available, limit)
+    return available
+
+
+def _cgroup_headroom() -> int | None:
+    """cgroup v2 `memory.max - memory.current` (or v1 `limit_in_bytes - usage_in_bytes`) of this process's
+    cgroup; None when unlimited or unknown."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                text = limit.read().strip()
+                if text == "max" or int(text) >= 2**60:  # v1 writes a huge number for "no limit"
+                    return None
+                return max(0, int(text) - int(usage.read().strip()))
+        except (OSError, ValueError):
+            continue
     return None
+
+
+_MALLOC_TRIM = None  # glibc's malloc_trim, False where there is none (musl, macOS): found on first use
+
+
+def return_freed_memory() -> None:
+    """Hand freed host tensors back to the OS. Tensors under 32 MiB come from glibc's heap, and anything
+    allocated after them pins the heap's top, so free() keeps their pages resident: measured on 6 blocks of 2b
+    (lowram_load.py), RSS after loading was 1.9x the loaded model without this call, 1.0x (+96 MiB) with it.
+    Called wherever a copy replaces host tensors (block-by-block loading, pinning streamed blocks)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def pinned_allocation_bytes(nbytes: int) -> int:
+    """Host RAM that pinning `nbytes` takes: torch's caching host allocator rounds each block up to a power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
 
 
 def host_ram_available() -> int | None:

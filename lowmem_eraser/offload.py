@@ -18,10 +18,13 @@ bench/gpu_check.sh to measure (not measured yet).
 
 Training relies on gradient checkpointing: the checkpointed forward saves nothing, and the recomputation
 during backward runs the block again, so its pre-hook fetches the weights again. Nothing depends on autograd
-keeping streamed weights alive (accelerate's and diffusers' offloading do, see SPEC §5). If a saved
-reference to a slot view does outlive its block anyway, backward raises instead of computing wrong
-gradients: copying into a slot bumps the slot's version counter, which every view of it shares, and autograd
-checks that counter when it unpacks a saved tensor ("modified by an inplace operation").
+keeping streamed weights alive (accelerate's and diffusers' offloading do, see SPEC §5). Outside any
+`saved_tensors_hooks`, a saved reference to a slot view that outlives its block makes backward raise instead of
+computing wrong gradients: copying into a slot bumps the slot's version counter, which every view of it shares,
+and autograd checks that counter when it unpacks a saved tensor ("modified by an inplace operation").
+Under hooks (checkpointing, activation offload) autograd does not check it, so what protects training is the
+checkpointed forward saving nothing and `_visit` refusing a streamed block in a graph-building pass without
+checkpointing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import HostMemoryError, LowmemEraserError
+from .memory import return_freed_memory
 
 _ALIGN = 256  # bytes; every tensor starts aligned in the flat buffers (CUDA kernels want 16+)
 
@@ -50,6 +54,12 @@ class _Entry:
     nbytes: int
     device: torch.device
     requires_grad: bool
+
+
+def streamed_indices(count: int, depth: int, placement: str = "first") -> range:
+    """The indices of the `count` streamed blocks of a `depth`-block model: what BlockOffloader streams, and so
+    what a loader must leave on the host for it."""
+    return range(count) if placement == "first" else range(depth - count, depth)
 
 
 def aligned_bytes(tensor: torch.Tensor) -> int:
@@ -154,10 +164,10 @@ class BlockOffloader:
             raise LowmemEraserError(
                 f"memory.offload: {self.blocks} blocks to stream, but the model has {len(blocks)} blocks "
                 f"(use 0..{len(blocks)}, or `all`)")
-        streamed = range(count) if self.placement == "first" else range(len(blocks) - count, len(blocks))
+        streamed = streamed_indices(count, len(blocks), self.placement)
         indexed = {i: _block_entries(blocks[i]) for i in streamed}  # raises before anything has moved
         pin = self.device.type == "cuda"
-        if pin:
+        if pin and indexed:
             _check_host_ram(blocks, indexed)
         self._entries, self._host = {}, {}
         for i, (entries, size) in indexed.items():
@@ -166,6 +176,7 @@ class BlockOffloader:
                 module, name = entry.owners[0]
                 _view(host, entry).copy_(getattr(module, name).detach())
             _bind(entries, host)  # the originals are released here
+            return_freed_memory()  # ... and their pages given back, or the host would hold every block twice
             self._entries[i], self._host[i] = entries, host
         self._resident_devices = {}
         for i, block in enumerate(blocks):
@@ -253,10 +264,9 @@ class BlockOffloader:
             if self._ready[slot] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
             upcoming = upcoming[: len(self._slots) - 1]
-        for position, nxt in enumerate(upcoming):
-            if nxt not in self._in_slot:
-                keep = ([index] if streamed else []) + upcoming[:position]
-                self._copy(nxt, keep=keep)
+        for nxt in upcoming:
+            if nxt not in self._in_slot:  # never evict the current block or one that is needed sooner or as soon
+                self._copy(nxt, keep=([index] if streamed else []) + upcoming)
 
     def _copy(self, index: int, keep: list[int]) -> None:
         """Copy block `index` into a slot that holds none of `keep` (on the side stream on CUDA) and bind the
@@ -285,8 +295,7 @@ def _check_host_ram(blocks: list[nn.Module], indexed: dict) -> None:
     """Pinned memory cannot be swapped out: refuse before pinning more than the host has. The blocks' current
     host tensors are freed block by block as their pinned copies are made, so the new memory needed is what the
     blocks do not already hold on the CPU, plus one block in flight."""
-    from .activation_offload import pinned_allocation_bytes
-    from .memory import host_ram_available
+    from .memory import host_ram_available, pinned_allocation_bytes
 
     need = sum(pinned_allocation_bytes(size) for _, size in indexed.values())  # CUDA rounds pinned sizes up
     held = sum(entry.nbytes for entries, _ in indexed.values() for entry in entries if entry.device.type == "cpu")

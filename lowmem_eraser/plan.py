@@ -32,11 +32,11 @@ import yaml
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .activation_offload import offload_activations, pinned_allocation_bytes
+from .activation_offload import offload_activations
 from .adapter import attach_erasers
 from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
-from .memory import LiveTensorTracker, tensor_bytes
+from .memory import LiveTensorTracker, pinned_allocation_bytes, tensor_bytes
 from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings

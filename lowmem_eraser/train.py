@@ -32,10 +32,10 @@ from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
 from .errors import LowmemEraserError
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
-from .memory import MemoryMeter, configure_cuda_allocator
+from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
 from .activation_offload import offload_activations
 from .lowram_load import load_transformer_blockwise
-from .offload import BlockOffloader
+from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
 from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
 from .serialization import atomic_write, save_erasers
@@ -70,7 +70,7 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
                     memory.offload)
     if memory.blockwise_load:
         transformer = load_transformer_blockwise(
-            config.model / "transformer", dtype, backend, device, host_blocks=range(streamed),
+            config.model / "transformer", dtype, backend, device, host_blocks=streamed_indices(streamed, depth),
             int8_cache=cache if memory.int8_cache else None)
     else:
         transformer = from_pretrained_or_error(CogVideoXTransformer3DModel, config.model / "transformer",
@@ -81,6 +81,7 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
         for name, module in transformer.named_children():
             if name != "transformer_blocks" or not streamed:
                 module.to(device)
+        return_freed_memory()  # the full-precision weights quantize_base replaced
     if memory.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if streamed:  # streams the first `streamed` blocks, moves the others to the device

@@ -111,6 +111,8 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
          "memory.offload: all needs memory.gradient_checkpointing: true"),
         ({"memory.offload": 2, "memory.gradient_checkpointing": False},
          "memory.offload: 2 needs memory.gradient_checkpointing: true"),
+        ({"memory.offload": "all", "memory.quantize": "bnb"},
+         "memory.offload: all cannot stream bitsandbytes weights"),
         ({"memory.offload_activations": True, "memory.gradient_checkpointing": False},
          "memory.offload_activations: true needs memory.gradient_checkpointing: true"),
         ({"sampling.mode": "trajectory", "sampling.num_inference_steps": 1},
@@ -330,7 +332,8 @@ def test_configs_readme_lists_every_field_and_is_up_to_date():
 
 
 @pytest.mark.parametrize("value, stored, streamed", [
-    ("none", "none", 0), (0, "none", 0), ("all", "all", 3), ("blocks", "all", 3), (2, 2, 2), ("2", 2, 2)])
+    ("none", "none", 0), (0, "none", 0), (False, "none", 0), ("all", "all", 3), ("blocks", "all", 3), (2, 2, 2),
+    ("2", 2, 2)])
 def test_offload_takes_none_all_or_a_block_count(config_file, value, stored, streamed):
     (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3}))
     config = load_config(write_config(config_file.parent, {"memory.offload": value}))

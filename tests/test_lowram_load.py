@@ -258,7 +258,7 @@ def test_missing_or_bad_files_are_named(saved, tmp_path):
 
     pickled = tmp_path / "bin"
     model.save_pretrained(pickled, safe_serialization=False)
-    with pytest.raises(ModelFileError, match=r"diffusion_pytorch_model\.bin: .*safetensors.*convert.*full loader"):
+    with pytest.raises(ModelFileError, match=r"diffusion_pytorch_model\.bin: .*safetensors.*convert.*memory.blockwise_load: false"):
         load_transformer_blockwise(pickled, torch.float32, "int8", "cpu")
 
     one = tmp_path / "one"

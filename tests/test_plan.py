@@ -237,7 +237,7 @@ def test_plan_reads_a_train_config(capsys):
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "rank 128, alpha 1.0, beta 0.0" in text and "10 prompt pairs" in text  # from the YAML
-    assert "stages of the config's own setting (int8, ckpt on, swap 18, act offload on, batch 1" in text
+    assert "stages of the config's own setting (int8, ckpt on, swap 21, act offload on, batch 1" in text
     assert "infer: --offload" in text
 
 
@@ -358,7 +358,7 @@ def test_the_shipped_8gb_preset_fits_8gb_with_cogvideox_5b():
     predictor = Predictor(spec.transformer, config.video, config.eraser.rank, config.loss,
                           text_config=spec.text_encoder, vae_config=spec.vae)
     setting = configured_setting(config.memory, 1, predictor.depth)
-    assert (setting.quantize, setting.swap, setting.offload_activations) == ("int8", 18, True)
+    assert (setting.quantize, setting.swap, setting.offload_activations) == ("int8", 21, True)
     process = predictor.process(setting, RunSpec(prompts=10, text_encoder=config.memory.text_encoder), 8 * 2**30)
     print({stage.name: round(stage.needs / 2**30, 2) for stage in process.stages})
     assert process.fits(8 * 2**30)
