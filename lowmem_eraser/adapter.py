@@ -1,7 +1,8 @@
-"""Eraser adapters on a diffusers CogVideoX transformer, attached by forward hooks.
+"""Eraser adapters on a diffusers video transformer, attached by forward hooks where its family puts them.
 
-The published T2VUnlearning code wraps `attn1` in a new module, which renames every base weight. A forward
-hook on `attn1` gives the same numbers, keeps the base state dict untouched and can be removed again.
+The published T2VUnlearning code wraps the attention (CogVideoX `attn1`) in a new module, which renames every
+base weight. A forward hook on the attention gives the same numbers, keeps the base state dict untouched and
+can be removed again. Where the adapter goes in each model family is data in `families/`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import cogvideox_blocks
 from .errors import LowmemEraserError
+from .families import family_of
 from .kernels import eraser_adapter, eraser_adapter_reference, triton_available
 from .localization import localization_loss
 
-COGVIDEOX_ERASER_KEY = "transformer_blocks.{}.attn1.adapter"
 _ATTR = "_lowmem_erasers"  # plain attribute on the transformer: never a registered submodule
 
 
@@ -99,6 +99,14 @@ class EraserSet(nn.ModuleDict):
     def rank(self) -> int:
         return self.values()[0].down.out_features
 
+    @property
+    def family(self) -> str:
+        """The model family whose published keys these are (families/), e.g. "CogVideoX"."""
+        from .families import family_of_key
+
+        family = family_of_key(self._names[0])
+        return family.name if family is not None else "unknown"
+
     def switches(self) -> dict:
         """The runtime switches every hook reads; snapshotted at forward, replayed at recomputation."""
         return {"enabled": self.enabled, "scale": self.scale, "localization_mask": self.localization_mask}
@@ -155,40 +163,40 @@ def _require_erasers(transformer: nn.Module) -> EraserSet:
 
 
 def foreign_erasers(transformer: nn.Module) -> str | None:
-    """Where an eraser injected by other code sits, or None. The published T2VUnlearning code replaces `attn1`
-    by a wrapper holding an `adapter` module; our hooks and the published keys would then clash with it."""
+    """Where an eraser injected by other code sits, or None. The published T2VUnlearning code replaces the
+    attention by a wrapper holding an `adapter` module; our hooks and the published keys would then clash."""
     for name, _ in transformer.named_modules():  # ours is never a registered submodule (see _ATTR)
         if name.rsplit(".", 1)[-1] == "adapter":
             return f"module {name!r}"
-    for i, block in enumerate(getattr(transformer, "transformer_blocks", ())):
-        attn = getattr(block, "attn1", None)
-        if attn is not None and (hasattr(attn, "adapter") or not hasattr(attn, "to_q")):
-            return f"transformer_blocks.{i}.attn1 is a {type(attn).__name__}, not a diffusers Attention"
+    family = family_of(transformer)
+    for i, block in enumerate(getattr(transformer, family.blocks, ())):
+        attn = getattr(block, family.attention, None)
+        if attn is not None and (hasattr(attn, "adapter") or not hasattr(attn, family.dim_linear)):
+            return f"{family.blocks}.{i}.{family.attention} is a {type(attn).__name__}, not a diffusers attention"
     return None
-
-
-def _attention_dim(attn: nn.Module) -> int:
-    return attn.to_q.in_features
 
 
 def _attention_device(attn: nn.Module) -> torch.device:
     return next(t.device for t in [*attn.parameters(), *attn.buffers()])
 
 
-def _adapter_hook(erasers: EraserSet, adapter: EraserAdapter, module, args, output):
-    """Add the adapter's output to the video output of `attn1` (before the block's gate and residual)."""
+def _adapter_hook(erasers: EraserSet, adapter: EraserAdapter, splits_output: bool, module, args, output):
+    """Add the adapter's output to the attention's video output (before the block's gate and residual); a
+    joint attention returns (video, text) and only the video part gets the adapter."""
     if not erasers.enabled or erasers.scale == 0:
         return None
-    video, text = output
+    video, rest = (output[0], tuple(output[1:])) if splits_output else (output, None)
     if adapter.down.weight.device != video.device:
         erasers.to(video.device)  # in place: parameter identity (and optimizer state) is kept
     if erasers.localization_mask is None:
-        return apply_adapter(adapter, video, erasers.scale, erasers.kernels), text
-    delta = apply_adapter(adapter, video, erasers.scale, erasers.kernels, residual=False)  # L_loc needs it alone
-    term = localization_loss(delta, erasers.localization_mask)
-    if not erasers.recomputing:
-        erasers.localization_terms.append(term)
-    return video + delta, text
+        erased = apply_adapter(adapter, video, erasers.scale, erasers.kernels)
+    else:
+        delta = apply_adapter(adapter, video, erasers.scale, erasers.kernels, residual=False)  # L_loc needs it alone
+        term = localization_loss(delta, erasers.localization_mask)
+        if not erasers.recomputing:
+            erasers.localization_terms.append(term)
+        erased = video + delta
+    return (erased, *rest) if splits_output else erased
 
 
 def apply_adapter(
@@ -270,7 +278,8 @@ def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args,
 
 
 def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
-    """Attach one fp32 EraserAdapter per `CogVideoXBlock.attn1`; returns them keyed by published name."""
+    """Attach one fp32 EraserAdapter per block where the transformer's family puts it (CogVideoX: every
+    `CogVideoXBlock.attn1`); returns them keyed by published name."""
     if get_erasers(transformer) is not None:
         raise LowmemEraserError("erasers are already attached to this transformer; call detach_erasers first")
     if not isinstance(rank, int) or rank <= 0:
@@ -278,16 +287,20 @@ def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
     foreign = foreign_erasers(transformer)
     if foreign is not None:
         raise LowmemEraserError(f"this transformer already carries an eraser injected by other code ({foreign})")
-    blocks = cogvideox_blocks(transformer)
+    family = family_of(transformer)
+    sites = family.sites(transformer)
+    if not sites:
+        raise LowmemEraserError(f"this {type(transformer).__name__} has no {family.blocks} to put an eraser on "
+                                f"({family.name} erasers sit in {family.blocks}.{{i}}.{family.attention})")
     adapters = {}
-    for i, block in enumerate(blocks):
-        adapter = EraserAdapter(_attention_dim(block.attn1), rank)
-        adapters[COGVIDEOX_ERASER_KEY.format(i)] = adapter.to(device=_attention_device(block.attn1), dtype=torch.float32)
+    for key, attention in sites:
+        adapter = EraserAdapter(family.adapter_dim(attention), rank)
+        adapters[key] = adapter.to(device=_attention_device(attention), dtype=torch.float32)
     erasers = EraserSet(adapters)
     _ensure_checkpoint_replay(erasers, transformer)  # checkpointing already on (train.py, plan.py order)
     handles = [
-        block.attn1.register_forward_hook(functools.partial(_adapter_hook, erasers, adapter))
-        for block, adapter in zip(blocks, erasers.values())
+        attention.register_forward_hook(functools.partial(_adapter_hook, erasers, adapter, family.splits_output))
+        for (_, attention), adapter in zip(sites, erasers.values())
     ]
     handles.append(
         transformer.register_forward_pre_hook(

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Sequence
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, LowmemEraserError
+from .families import require_trainable
 from .localization import concept_spans
 
 MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
@@ -291,6 +292,10 @@ def validate(config: TrainConfig) -> None:
                 f"model: {config.model} has no {sub}/ sub-folder (a diffusers CogVideoX folder needs "
                 f"{', '.join(s + '/' for s in MODEL_SUBFOLDERS)})"
             )
+    try:
+        require_trainable(config.model, "model")
+    except LowmemEraserError as exc:
+        raise ConfigError(str(exc)) from None
     dim = _attention_dim(config.model)
     if dim is not None and config.eraser.rank > dim:  # down: dim -> rank; a wider rank adds only dead weights
         raise ConfigError(

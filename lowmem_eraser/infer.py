@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import LowmemEraserError
+from .families import require_trainable
 from .loading import from_pretrained_or_error, model_files
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     from .train import load_scheduler
 
     model = Path(model)
+    require_trainable(model, "--model")
     for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
         if not (model / sub).is_dir():
             raise LowmemEraserError(f"--model: {model} has no {sub}/ folder (expected a diffusers CogVideoX folder)")

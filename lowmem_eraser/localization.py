@@ -17,7 +17,7 @@ import re
 import torch
 from torch import nn
 
-from .blocks import cogvideox_blocks
+from .families import COGVIDEOX
 from .errors import LowmemEraserError
 
 
@@ -154,7 +154,7 @@ class ConceptMaskCapture:
     ):
         if chunk_size <= 0:
             raise LowmemEraserError(f"chunk_size must be positive, got {chunk_size}")
-        self.blocks = cogvideox_blocks(transformer)
+        self.blocks = COGVIDEOX.block_list(transformer)
         patch_size_t = getattr(transformer.config, "patch_size_t", None)
         self.token_frames = num_frames // patch_size_t if patch_size_t else num_frames  # frames × (h/p) × (w/p)
         self.concept_tokens = concept_token_mask.bool()

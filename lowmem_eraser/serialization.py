@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapter import COGVIDEOX_ERASER_KEY, EraserSet, attach_erasers, foreign_erasers, get_erasers
+from .adapter import EraserSet, attach_erasers, foreign_erasers, get_erasers
+from .families import family_of, family_of_key
 from .errors import EraserFormatError, WriteError
 
 WEIGHTS_PT = "eraser_weights.pt"
@@ -32,10 +33,9 @@ CONFIG_JSON = "eraser_config.json"
 SIDECAR_JSON = "lowmem_eraser.json"
 INNER_KEYS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
-# Outer-key patterns of the families that publish erasers in this format.
-FAMILIES = {
-    "CogVideoX": re.compile(r"transformer_blocks\.(\d+)\.attn1\.adapter"),
-    "HunyuanVideo": re.compile(r"single_transformer_blocks\.(\d+)\.attn\.adapter"),
+# Besides the model families (families/, asked at read time so a family registered later is known too), the
+# format is written by Receler's Stable Diffusion UNet erasers, which are read and inspected but not trained here.
+FOREIGN_FAMILIES = {
     "Receler (Stable Diffusion UNet)": re.compile(
         r"(?:down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+|up_blocks\.\d+\.attentions\.\d+)"
     ),
@@ -122,7 +122,10 @@ def write_config(folder: Path, rank: int) -> None:
 
 
 def _family_of(key: str) -> str | None:
-    return next((name for name, pattern in FAMILIES.items() if pattern.fullmatch(key)), None)
+    family = family_of_key(key)
+    if family is not None:
+        return family.name
+    return next((name for name, pattern in FOREIGN_FAMILIES.items() if pattern.fullmatch(key)), None)
 
 
 def _flatten(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -280,7 +283,7 @@ def save_erasers(
         raise EraserFormatError(f"save_erasers: format must be 'pt' or 'safetensors', got {format!r}")
     state = _published_state(erasers)
     sidecar = {
-        "family": "CogVideoX",
+        "family": erasers.family,
         "num_blocks": len(state),
         "dim": erasers.dim,
         "rank": erasers.rank,
@@ -322,23 +325,26 @@ def _torch_save(obj, path: Path) -> None:
 
 
 def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool = True) -> EraserSet:
-    """Load a published CogVideoX eraser into `transformer`, attaching adapters if none are attached.
+    """Load a published eraser into `transformer` (of the eraser's family), attaching adapters if none are.
 
     With `strict=False`, blocks missing from the file keep their current weights and blocks the model lacks
     are ignored; shapes are always checked. Nothing on the model changes unless every check passes.
     """
     eraser_file = read_erasers(path)
     where = eraser_file.weights_path
-    if eraser_file.family != "CogVideoX":
-        raise EraserFormatError(f"{where}: this is a {eraser_file.family} eraser, not a CogVideoX one")
+    family = family_of(transformer)
+    if eraser_file.family != family.name:
+        raise EraserFormatError(f"{where}: this is a {eraser_file.family} eraser; the model is a {family.name} "
+                                f"transformer ({type(transformer).__name__})")
     foreign = foreign_erasers(transformer)
     if foreign is not None:
         raise EraserFormatError(
             f"{where}: cannot load into this transformer: it already carries an eraser injected by other code "
-            f"({foreign}); load into a plain CogVideoXTransformer3DModel (load_erasers attaches its own)"
+            f"({foreign}); load into a plain {type(transformer).__name__} (load_erasers attaches its own)"
         )
-    blocks = transformer.transformer_blocks
-    expected = [COGVIDEOX_ERASER_KEY.format(i) for i in range(len(blocks))]
+    sites = family.sites(transformer)
+    blocks = sites  # one eraser site per block
+    expected = [key for key, _ in sites]
     if strict:
         missing = [key for key in expected if key not in eraser_file.state]
         if missing:
@@ -346,11 +352,11 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
         extra = [key for key in eraser_file.state if key not in expected]
         if extra:
             raise EraserFormatError(f"{where}: unexpected block {extra[0]!r} (the model has {len(blocks)} blocks)")
-    for i, key in enumerate(expected):
-        if key in eraser_file.state and eraser_file.dims[key] != blocks[i].attn1.to_q.in_features:
+    for key, attention in sites:
+        if key in eraser_file.state and eraser_file.dims[key] != family.adapter_dim(attention):
             raise EraserFormatError(
                 f"{where}: {key}.down.weight has dim {eraser_file.dims[key]}, the model's attention dim is "
-                f"{blocks[i].attn1.to_q.in_features}"
+                f"{family.adapter_dim(attention)}"
             )
     erasers = get_erasers(transformer)
     if erasers is not None and erasers.rank != eraser_file.rank:

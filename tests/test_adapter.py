@@ -156,7 +156,7 @@ def test_detach_restores_default_checkpointing(transformer, inputs):
 
 
 def test_attach_rejects_bad_models_and_ranks(transformer):
-    with pytest.raises(LowmemEraserError, match="not a CogVideoX transformer"):
+    with pytest.raises(LowmemEraserError, match="Linear is not a supported transformer; supported families: CogVideoX"):
         attach_erasers(torch.nn.Linear(3, 3))
     with pytest.raises(LowmemEraserError, match="rank"):
         attach_erasers(transformer, rank=0)

@@ -345,3 +345,15 @@ def test_streaming_more_blocks_than_the_model_has_is_refused(config_file):
     (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3}))
     with pytest.raises(ConfigError, match=re.escape("memory.offload: 4 blocks to stream, but ")):
         load_config(write_config(config_file.parent, {"memory.offload": 4}))
+
+
+@pytest.mark.parametrize("class_name, message", [
+    ("WanTransformer3DModel", "model: .* holds a Wan transformer; training and generation are implemented for "
+                              "CogVideoX so far"),
+    ("UNet2DConditionModel", "config.json: UNet2DConditionModel is not a supported transformer; supported "
+                             "families: CogVideoX"),
+])
+def test_a_model_of_another_family_is_refused_before_any_work(config_file, class_name, message):
+    (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file)

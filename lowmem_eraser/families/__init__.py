@@ -1,0 +1,127 @@
+"""Model families as data: where a family's eraser sits and what its published keys are, one file per family.
+
+The rest of the package asks this registry instead of naming a model (the way peft keeps model facts in
+`utils/constants.py`): `family_of(transformer)` for a model, `family_of_key(key)` for an eraser file's keys.
+Adding a family = one file here that calls `register(Family(...))`, plus its tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import LowmemEraserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's eraser adapters go and how they are named.
+
+    Every eraser wraps one attention module per block: `<blocks>.{i}.<attention>`. The adapter adds
+    `up(GELU(down(out)))` to that attention's output -- to its first element when the attention returns
+    (video, text), as joint attentions do (`splits_output`) -- and its width is the `in_features` of the
+    attention's `dim_linear`. `key` is the published outer key of block i's adapter, with `{}` for i.
+    """
+
+    name: str  # as written in sidecars and errors, e.g. "CogVideoX"
+    transformer_classes: tuple[str, ...]  # diffusers class names of the family's transformers
+    blocks: str  # the transformer's attribute holding the blocks that get an eraser
+    attention: str  # each such block's attribute: the attention whose output the adapter adds to
+    key: str  # published key template, e.g. "transformer_blocks.{}.attn1.adapter"
+    splits_output: bool  # the attention returns (video, text); the adapter adds to the video part
+    dim_linear: str = "to_q"  # the attention's linear whose in_features is the adapter width
+    trainable: bool = False  # `lowmem-eraser train` / `infer` run it (else: attach, save, load, inspect only)
+    notes: str = field(default="", compare=False)  # where the adapter sits and why (README, errors)
+
+    @property
+    def key_pattern(self) -> re.Pattern:
+        return re.compile(re.escape(self.key).replace(r"\{\}", r"(\d+)"))
+
+    def block_list(self, transformer: nn.Module) -> list[nn.Module]:
+        """The blocks that get an eraser, each checked to have the attention."""
+        blocks = getattr(transformer, self.blocks, None)
+        if blocks is None or not all(hasattr(block, self.attention) for block in blocks):
+            raise LowmemEraserError(
+                f"{type(transformer).__name__} is not a {self.name} transformer: expected `{self.blocks}` of blocks "
+                f"with an `{self.attention}` attention")
+        return list(blocks)
+
+    def sites(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(published key, attention module) of every eraser of `transformer`, in block order."""
+        return [(self.key.format(i), getattr(block, self.attention))
+                for i, block in enumerate(self.block_list(transformer))]
+
+    def adapter_dim(self, attention: nn.Module) -> int:
+        return getattr(attention, self.dim_linear).in_features
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise LowmemEraserError(f"model family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.transformer_classes)})" for f in FAMILIES.values())
+
+
+def family_of_class(class_name: str) -> Family:
+    """The family of a diffusers transformer class name, or one error listing the supported families."""
+    for family in FAMILIES.values():
+        if class_name in family.transformer_classes:
+            return family
+    raise LowmemEraserError(f"{class_name} is not a supported transformer; supported families: {supported()}")
+
+
+def family_of(transformer: nn.Module) -> Family:
+    """The family of a transformer (by its class, or a subclass of a family's class)."""
+    for cls in type(transformer).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.transformer_classes:
+                return family
+    return family_of_class(type(transformer).__name__)
+
+
+def family_of_folder(model: str | os.PathLike) -> Family | None:
+    """The family of a local diffusers model folder, from its transformer's `_class_name` (a config without one,
+    hand-written, is read as CogVideoX, as the loaders do); None when transformer/config.json cannot be read
+    (the loaders then name the missing or broken file)."""
+    try:
+        config = json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    try:
+        return family_of_class(str(config.get("_class_name", "CogVideoXTransformer3DModel")))
+    except LowmemEraserError as exc:
+        raise LowmemEraserError(f"{Path(model) / 'transformer' / 'config.json'}: {exc}") from None
+
+
+def require_trainable(model: str | os.PathLike, field: str) -> None:
+    """One clear error before any work when `model` holds a transformer this tool does not train yet."""
+    family = family_of_folder(model)
+    if family is not None and not family.trainable:
+        trainable = ", ".join(f.name for f in FAMILIES.values() if f.trainable)
+        raise LowmemEraserError(
+            f"{field}: {model} holds a {family.name} transformer; training and generation are implemented for "
+            f"{trainable} so far ({family.name} erasers can be attached, saved, loaded, inspected and converted)")
+
+
+def family_of_key(key: str) -> Family | None:
+    """The family whose published eraser key `key` is, or None."""
+    return next((family for family in FAMILIES.values() if family.key_pattern.fullmatch(key)), None)
+
+
+from . import cogvideox, hunyuan_video, wan  # noqa: E402 -- each registers its family
+
+COGVIDEOX, HUNYUAN_VIDEO, WAN = cogvideox.FAMILY, hunyuan_video.FAMILY, wan.FAMILY
