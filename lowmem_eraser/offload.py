@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import HostMemoryError, LowmemEraserError
+from .families import repeated_blocks
 from .memory import return_freed_memory
 
 _ALIGN = 256  # bytes; every tensor starts aligned in the flat buffers (CUDA kernels want 16+)
@@ -108,7 +109,8 @@ def _bind(entries: list[_Entry], flat: torch.Tensor) -> None:
 
 
 class BlockOffloader:
-    """Streams the base weights of `transformer.transformer_blocks` from CPU through two device slots.
+    """Streams the base weights of the transformer's repeated blocks (CogVideoX: `transformer_blocks`; any
+    registered family's, in execution order: families/) from CPU through two device slots.
 
     `blocks`: how many blocks stream (None: all); `placement`: which ones, the `first` N or the `last` N.
     The others are moved to `device` and stay there. `stream` defaults to True on CUDA and False elsewhere,
@@ -156,9 +158,9 @@ class BlockOffloader:
         if not self.enabled:
             warnings.warn(f"offload does nothing on {self.device.type}: the weights are already in host memory")
             return
-        blocks = list(getattr(self.transformer, "transformer_blocks", None) or [])
+        blocks = repeated_blocks(self.transformer)
         if not blocks:
-            raise LowmemEraserError(f"{type(self.transformer).__name__} has no `transformer_blocks` to offload")
+            raise LowmemEraserError(f"{type(self.transformer).__name__} has no blocks to offload")
         count = len(blocks) if self.blocks is None else self.blocks
         if not 0 <= count <= len(blocks):
             raise LowmemEraserError(
@@ -207,7 +209,7 @@ class BlockOffloader:
             for entry in entries:
                 tensor = _view(self._host[i], entry).to(entry.device, copy=True)
                 _set(entry, nn.Parameter(tensor, requires_grad=entry.requires_grad) if entry.is_param else tensor)
-        blocks = self.transformer.transformer_blocks
+        blocks = repeated_blocks(self.transformer)
         for i, device in self._resident_devices.items():
             blocks[i].to(device)
         self._hooks, self._entries, self._host, self._slots = [], {}, {}, []

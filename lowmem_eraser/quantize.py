@@ -113,16 +113,17 @@ def quantize_linears(module: nn.Module, backend: str = "auto") -> int:
 
 
 def quantize_base(transformer: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace each `nn.Linear` inside `transformer.transformer_blocks` with a frozen 8-bit linear, in place.
+    """Replace each `nn.Linear` inside the transformer's repeated blocks (CogVideoX: `transformer_blocks`; any
+    registered family's, families/) with a frozen 8-bit linear, in place.
 
     Backends: "int8" (PyTorch, any device, also fake/meta tensors), "triton" (fused W8A16 kernel, CUDA or the
     interpreter), "bnb" (bitsandbytes `Linear8bitLt`, casts activations to fp16), "auto" (triton on CUDA,
     int8 elsewhere; see bench/results/kernels.md for the measurements behind the choice).
     """
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise LowmemEraserError(f"{type(transformer).__name__} has no `transformer_blocks` to quantise")
-    if quantize_linears(blocks, backend) == 0:
-        raise LowmemEraserError("quantize_base: no nn.Linear left in transformer_blocks (already quantised?)")
+    from .families import repeated_blocks
+
+    blocks = repeated_blocks(transformer)
+    if sum(quantize_linears(block, backend) for block in blocks) == 0:
+        raise LowmemEraserError("quantize_base: no nn.Linear left in the transformer's blocks (already quantised?)")
     transformer.requires_grad_(False)
     return transformer

@@ -519,3 +519,62 @@ def test_checkpointed_adapter_gradients_equal_plain_ones_despite_toggles(name):
             torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-9, msg=f"{name}, {change}")
     detach_erasers(model)
     assert model.gradient_checkpointing and model._gradient_checkpointing_func != erasers.checkpoint
+
+
+# ---------------------------------------------------------------------- 7. the memory switches on every family
+
+# The repeated block lists of each family in execution order, written out independently of the registry:
+# HunyuanVideo runs its dual-stream blocks before the single-stream ones.
+STACKS = {COGVIDEOX.name: ("transformer_blocks",), WAN.name: ("blocks",),
+          HUNYUAN_VIDEO.name: ("transformer_blocks", "single_transformer_blocks")}
+
+
+def stack_blocks(case: Case, model) -> list[nn.Module]:
+    return [block for stack in STACKS[case.family.name] for block in getattr(model, stack)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_8bit_base_quantises_every_repeated_block_of_every_family(name):
+    from lowmem_eraser.quantize import Int8Linear, quantize_base
+
+    case = CASES[name]
+    model = case.build()
+    expected = forward(case, model)
+    blocks = stack_blocks(case, model)
+    outside = {n: p.clone() for n, p in model.named_parameters()
+               if not any(n.startswith(f"{stack}.") for stack in STACKS[name])}
+    quantize_base(model, backend="int8")
+    assert all(type(m) is not nn.Linear for block in blocks for m in block.modules())
+    assert sum(type(m) is Int8Linear for block in blocks for m in block.modules()) > 0
+    assert all(torch.equal(p, outside[n]) for n, p in model.named_parameters() if n in outside)  # untouched
+    got = forward(case, model)
+    error = (got - expected).norm() / expected.norm()
+    print(f"{name}: int8 relative output error {error:.2e}")
+    assert error < 0.05  # per-channel absmax int8 on random weights of a 2-block model
+
+
+@pytest.mark.parametrize("name", [WAN.name, HUNYUAN_VIDEO.name])
+def test_streaming_a_familys_blocks_changes_no_gradient(name):
+    """BlockOffloader on the family's blocks in execution order (HunyuanVideo: across both stacks), copies
+    emulated on the CPU, checkpointing on: the adapter gradients of two steps equal the resident ones."""
+    from lowmem_eraser.offload import BlockOffloader
+
+    case = CASES[name]
+    model, erasers = erased(case, kernels="torch")
+    model.enable_gradient_checkpointing()
+    inputs = case.inputs()
+
+    def step():
+        erasers.zero_grad(set_to_none=True)
+        with torch.no_grad(), erasers_disabled(model):
+            target = case.run(model, inputs)
+        loss = (case.run(model, inputs) - target).square().mean()
+        loss.backward()
+        return [p.grad.clone() for p in erasers.parameters()]
+
+    reference = step()
+    total = len(stack_blocks(case, model))
+    with BlockOffloader(model, "cpu", stream=True, blocks=total) as offloader:
+        for _ in range(2):
+            assert all(torch.equal(g, r) for g, r in zip(step(), reference))
+        assert sorted(offloader._host) == list(range(total)) and offloader.copies > 0

@@ -34,6 +34,7 @@ class Family:
     attention: str  # each such block's attribute: the attention whose output the adapter adds to
     key: str  # published key template, e.g. "transformer_blocks.{}.attn1.adapter"
     splits_output: bool  # the attention returns (video, text); the adapter adds to the video part
+    stacks: tuple[str, ...] = ()  # the repeated block lists, in execution order: what is quantised and streamed
     dim_linear: str = "to_q"  # the attention's linear whose in_features is the adapter width
     trainable: bool = False  # `lowmem-eraser train` / `infer` run it (else: attach, save, load, inspect only)
     notes: str = field(default="", compare=False)  # where the adapter sits and why (README, errors)
@@ -58,6 +59,17 @@ class Family:
 
     def adapter_dim(self, attention: nn.Module) -> int:
         return getattr(attention, self.dim_linear).in_features
+
+    def stack_blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """Every repeated block of `transformer` (all of `stacks`, default the eraser blocks), in execution
+        order: > 95 % of the weights, what the 8-bit base quantises and the block streamer streams."""
+        blocks = []
+        for stack in self.stacks or (self.blocks,):
+            found = getattr(transformer, stack, None)
+            if found is None:
+                raise LowmemEraserError(f"{type(transformer).__name__} has no `{stack}` ({self.name} blocks)")
+            blocks.extend(found)
+        return blocks
 
 
 FAMILIES: dict[str, Family] = {}
@@ -115,6 +127,11 @@ def require_trainable(model: str | os.PathLike, field: str) -> None:
         raise LowmemEraserError(
             f"{field}: {model} holds a {family.name} transformer; training and generation are implemented for "
             f"{trainable} so far ({family.name} erasers can be attached, saved, loaded, inspected and converted)")
+
+
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer of any registered family, in execution order."""
+    return family_of(transformer).stack_blocks(transformer)
 
 
 def family_of_key(key: str) -> Family | None:

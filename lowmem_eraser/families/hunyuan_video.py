@@ -15,5 +15,6 @@ FAMILY = register(Family(
     key="single_transformer_blocks.{}.attn.adapter",
     splits_output=True,
     dim_linear="to_v",
+    stacks=("transformer_blocks", "single_transformer_blocks"),  # dual-stream blocks run first
     notes="single-stream blocks' attn, video output (published)",
 ))
