@@ -33,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, HostMemoryError, LowmemEraserError, ModelFileError
+from .families import family_of
 from .memory import return_freed_memory
 from .quantize import quantize_linears, resolve_backend
 
@@ -42,13 +43,11 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 BIN_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 CONFIG_NAME = "config.json"
-BLOCKS = "transformer_blocks"
 CACHE_FORMAT = 1  # bump when the cache layout or the quantisation changes: old caches then miss
 MANIFEST = "manifest.json"
 REST_FILE = "rest.safetensors"
 CACHED_KINDS = ("int8", "triton")  # same Int8Linear weights; bnb's int8 params cannot be built without data
 
-_BLOCK_KEY = re.compile(rf"^{BLOCKS}\.(\d+)\.")
 _CACHE_TEMP = re.compile(r"^\.int8-[0-9a-f]+\.(?:tmp|old)-(\d+)$")  # a write in progress, a cache being removed
 # Bytes per element of the safetensors header dtypes (only sizes the host-RAM estimate; unknown ones count 4).
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -84,7 +83,8 @@ def load_transformer_blockwise(
     cls, config = _model_class(folder)
     source = _Checkpoint.of_folder(folder)
     model = _empty_model(cls, config, dtype, folder)
-    n_blocks = len(getattr(model, BLOCKS))
+    blocks = _Blocks(model, folder)
+    n_blocks = len(blocks.prefixes)
     bad = sorted(i for i in host_blocks if not 0 <= int(i) < n_blocks)
     if bad:
         raise ConfigError(f"host_blocks: block indices {bad} out of range: {folder} has {n_blocks} blocks")
@@ -98,7 +98,7 @@ def load_transformer_blockwise(
         cache_dir = Path(int8_cache) / f"int8-{key}"
         if cache_dir.is_dir():
             try:
-                cached = _open_cache(cache_dir, key, n_blocks)
+                cached = _open_cache(cache_dir, key, blocks)
                 _fill(model, plan, cached, kind, device, host, from_cache=True)
                 logger.info("loaded %s from the int8 cache %s", folder, cache_dir)
                 return _finish(model)
@@ -106,8 +106,9 @@ def load_transformer_blockwise(
                 logger.warning("int8 cache %s is unusable (%s); removing it and loading from %s", cache_dir, exc,
                                folder)
                 _remove(cache_dir)
-                model = None  # the blocks already filled are freed before the model is built again
+                model = blocks = plan.layout = None  # the blocks already filled are freed before the rebuild
                 model = _empty_model(cls, config, dtype, folder)
+                plan.layout = _Blocks(model, folder)
     elif int8_cache is not None:
         logger.info("int8 cache: not used for quantize=%s (only int8/triton weights are cached)", kind)
 
@@ -167,9 +168,7 @@ def _empty_model(cls: type, config: dict, dtype: torch.dtype, folder: Path) -> n
             model = cls.from_config(config)
     finally:
         torch.set_default_dtype(previous)
-    if not isinstance(getattr(model, BLOCKS, None), nn.ModuleList):
-        raise LowmemEraserError(f"{folder}: a {cls.__name__} has no `{BLOCKS}` to load block by block; "
-                                "set memory.blockwise_load: false")
+    _Blocks(model, folder)  # a model without its family's block lists is refused here, before any read
     model.register_to_config(_name_or_path=str(folder))
     # from_pretrained's eval() comes before quantize_base, so the 8-bit linears made after it are in training
     # mode there (no effect on Int8Linear; bnb reads it): the same order here keeps the modules identical.
@@ -318,12 +317,12 @@ class _Plan:
         self.dtype = dtype
         self.keep_fp32 = tuple(cls._keep_in_fp32_modules or ())
         expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-        n_blocks = len(getattr(model, BLOCKS))
-        self.blocks: list[list[str]] = [[] for _ in range(n_blocks)]
+        self.layout = _Blocks(model, folder)
+        self.blocks: list[list[str]] = [[] for _ in self.layout.prefixes]
         self.rest: list[str] = []
         for key in expected:
-            match = _BLOCK_KEY.match(key)
-            (self.blocks[int(match.group(1))] if match else self.rest).append(key)
+            index = self.layout.index(key)
+            (self.blocks[index] if index is not None else self.rest).append(key)
         missing = [key for key in expected if key not in source.files]
         if missing:  # named by the index of a sharded checkpoint (the shard is unknown), else by the file
             raise ModelFileError(f"{source.described[0]}: has no tensor {missing[0]!r} ({len(missing)} of the "
@@ -337,8 +336,9 @@ class _Plan:
             logger.warning("%s: %d tensors are not used by the %s (first: %s)", folder, len(unused), cls.__name__,
                            unused[0])
         self.source = source
-        self.linear_weights = {f"{BLOCKS}.{name}.weight" for name, module in getattr(model, BLOCKS).named_modules()
-                               if type(module) is nn.Linear}
+        self.linear_weights = {f"{prefix}{name}.weight" for prefix, block in zip(self.layout.prefixes,
+                                                                                 self.layout.modules)
+                               for name, module in block.named_modules() if type(module) is nn.Linear}
 
     def final_bytes(self, key: str, quantized: bool) -> int:
         """Bytes `key` takes once loaded: cast to dtype (fp32 if kept), or int8 + an fp32 scale per row."""
@@ -389,15 +389,13 @@ def _fill(model: nn.Module, plan: _Plan, source, kind: str, device: torch.device
         if from_cache:
             raise _CacheUnusable(str(exc)) from None
         raise
-    _assign(model, state, from_cache, skip=_BLOCK_KEY)
+    _assign(model, state, from_cache, skip=plan.layout.pattern)
     if writer is not None:
         writer.add(REST_FILE, state)
     del state
-    _move_except_blocks(model, device)
+    _move_except_blocks(model, device, plan.layout)
     return_freed_memory()
-    blocks = getattr(model, BLOCKS)
-    for i, block in enumerate(blocks):
-        prefix = f"{BLOCKS}.{i}."
+    for i, (prefix, block) in enumerate(zip(plan.layout.prefixes, plan.layout.modules)):
         if from_cache and kind != "none":
             quantize_linears(block, kind)  # Int8Linear shells on meta, then the cached tensors are assigned
         try:
@@ -433,10 +431,39 @@ def _assign(module: nn.Module, state: dict, from_cache: bool, skip: re.Pattern |
 
 
 
-def _move_except_blocks(model: nn.Module, device: torch.device) -> None:
-    blocks = getattr(model, BLOCKS)
+class _Blocks:
+    """The model's repeated blocks in execution order, as its family lists them (families/: CogVideoX
+    `transformer_blocks`, Wan `blocks`, HunyuanVideo dual- then single-stream), indexed globally the way the
+    block streamer indexes them: `host_blocks` and the cache's block files use these indices."""
+
+    def __init__(self, model: nn.Module, folder: Path):
+        try:
+            family = family_of(model)
+        except LowmemEraserError as exc:
+            raise LowmemEraserError(f"{folder}: {exc}; set memory.blockwise_load: false") from None
+        names = family.stacks or (family.blocks,)
+        self.stacks = [(name, getattr(model, name, None)) for name in names]
+        missing = [name for name, blocks in self.stacks if not isinstance(blocks, nn.ModuleList)]
+        if missing:
+            raise LowmemEraserError(f"{folder}: a {type(model).__name__} has no `{missing[0]}` to load block by "
+                                    "block; set memory.blockwise_load: false")
+        self.prefixes = [f"{name}.{i}." for name, blocks in self.stacks for i in range(len(blocks))]
+        self.modules = [block for _, blocks in self.stacks for block in blocks]
+        self.pattern = re.compile(r"^(" + "|".join(re.escape(name) for name in names) + r")\.(\d+)\.")
+        self._first = {}
+        for name, blocks in self.stacks:
+            self._first[name] = sum(len(b) for n, b in self.stacks[: names.index(name)])
+
+    def index(self, key: str) -> int | None:
+        """The global block index of a state-dict key, None for a key outside the blocks."""
+        match = self.pattern.match(key)
+        return self._first[match.group(1)] + int(match.group(2)) if match else None
+
+
+def _move_except_blocks(model: nn.Module, device: torch.device, layout: _Blocks) -> None:
+    stacks = [blocks for _, blocks in layout.stacks]
     for child in model.children():
-        if child is not blocks:
+        if not any(child is blocks for blocks in stacks):
             child.to(device)
     for name, buffer in model._buffers.items():
         if buffer is not None:
@@ -474,17 +501,17 @@ def _cache_key(source: _Checkpoint, folder: Path, dtype: torch.dtype) -> str:
 class _CachedCheckpoint:
     """The cache folder as a source: the same `read` as `_Checkpoint`, tensors stored already cast/quantised."""
 
-    def __init__(self, folder: Path, n_blocks: int):
-        self.folder, self.n_blocks = folder, n_blocks
+    def __init__(self, folder: Path, layout: _Blocks):
+        self.folder, self.layout = folder, layout
 
     def read(self, keys: list[str], dtype, keep_fp32) -> dict:
         keys = list(keys)
-        match = _BLOCK_KEY.match(keys[0]) if keys else None
-        path = self.folder / (_block_file(int(match.group(1))) if match else REST_FILE)
+        index = self.layout.index(keys[0]) if keys else None
+        path = self.folder / (_block_file(index) if index is not None else REST_FILE)
         try:
             handle, mapped = _open(path)
             with handle:
-                prefix = f"{BLOCKS}.{int(match.group(1))}." if match else ""
+                prefix = self.layout.prefixes[index] if index is not None else ""
                 out = {}
                 for name in handle.keys():
                     tensor = handle.get_tensor(name)
@@ -495,12 +522,13 @@ class _CachedCheckpoint:
             raise _CacheUnusable(f"{path}: {_first_line(exc)}") from None
 
 
-def _open_cache(folder: Path, key: str, n_blocks: int) -> _CachedCheckpoint:
+def _open_cache(folder: Path, key: str, layout: _Blocks) -> _CachedCheckpoint:
     """The cache in `folder` if its manifest matches and every file is there with its recorded size."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise _CacheUnusable(f"{folder / MANIFEST}: {_first_line(exc)}") from None
+    n_blocks = len(layout.prefixes)
     if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("blocks") != n_blocks:
         raise _CacheUnusable(f"{folder / MANIFEST} does not describe this model")
     files = manifest.get("files")
@@ -514,7 +542,7 @@ def _open_cache(folder: Path, key: str, n_blocks: int) -> _CachedCheckpoint:
             raise _CacheUnusable(f"{folder / name}: {exc.strerror or exc}") from None
         if actual != size:
             raise _CacheUnusable(f"{folder / name}: {actual} bytes, {size} written")
-    return _CachedCheckpoint(folder, n_blocks)
+    return _CachedCheckpoint(folder, layout)
 
 
 class _CacheWriter:

@@ -328,3 +328,30 @@ def test_host_ram_peak_at_cogvideox_2b_dims(tmp_path):
     assert new["after_bytes"] <= int8 + 256 * 2**20  # freed bf16 blocks went back to the OS
     # Ideally the old path peaks higher by (bf16 model - one block); allocator noise is ~0.2 GiB either way.
     assert old["peak_bytes"] - new["peak_bytes"] >= 0.6 * (bf16 - block)
+
+
+@pytest.mark.parametrize("family", ["Wan", "HunyuanVideo"])
+def test_other_families_load_block_by_block_bit_identical(family, tmp_path):
+    """Wan (`blocks`) and HunyuanVideo (dual- then single-stream blocks: one global block order, as the block
+    streamer counts them) load bit-identical to from_pretrained + quantize_base, keep the host blocks on the
+    host, and load again from the int8 cache."""
+    from test_families import tiny_hunyuan, tiny_wan
+
+    build = tiny_wan if family == "Wan" else tiny_hunyuan
+    folder = tmp_path / "transformer"
+    build().save_pretrained(folder, max_shard_size="40KB")  # sharded: blocks spread over files
+    ref = type(build()).from_pretrained(str(folder), torch_dtype=torch.float32)
+    ref.requires_grad_(False)
+    quantize_base(ref, backend="int8")
+    assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu"), ref)
+    assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu", int8_cache=tmp_path / "c"), ref)
+    assert cache_folders(tmp_path / "c")
+    assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu", int8_cache=tmp_path / "c"), ref)
+    stacks = ("blocks",) if family == "Wan" else ("transformer_blocks", "single_transformer_blocks")
+    blocks = [block for name in stacks for block in getattr(ref, name)]
+    last = len(blocks) - 1  # HunyuanVideo: the last single-stream block, after the dual-stream one
+    model = load_transformer_blockwise(folder, torch.float32, "int8", "meta", host_blocks={last})
+    loaded = [block for name in stacks for block in getattr(model, name)]
+    for i, block in enumerate(loaded):
+        assert {t.device.type for t in [*block.parameters(), *block.buffers()]} == ({"cpu"} if i == last
+                                                                                    else {"meta"}), i
