@@ -102,10 +102,14 @@ class EraserSet(nn.ModuleDict):
     @property
     def family(self) -> str:
         """The model family whose published keys these are (families/), e.g. "CogVideoX"."""
+        from .errors import EraserFormatError
         from .families import family_of_key
 
-        family = family_of_key(self._names[0])
-        return family.name if family is not None else "unknown"
+        names = {getattr(family_of_key(key), "name", None) for key in self._names}
+        if len(names) != 1 or None in names:
+            raise EraserFormatError(f"these erasers are not the keys of one model family: {sorted(map(str, names))} "
+                                    f"(first key {self._names[0] if self._names else None!r})")
+        return names.pop()
 
     def switches(self) -> dict:
         """The runtime switches every hook reads; snapshotted at forward, replayed at recomputation."""

@@ -343,15 +343,15 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
             f"({foreign}); load into a plain {type(transformer).__name__} (load_erasers attaches its own)"
         )
     sites = family.sites(transformer)
-    blocks = sites  # one eraser site per block
+    has = f"the model has {len(sites)} {family.blocks}"  # HunyuanVideo: its single-stream blocks only
     expected = [key for key, _ in sites]
     if strict:
         missing = [key for key in expected if key not in eraser_file.state]
         if missing:
-            raise EraserFormatError(f"{where}: missing block {missing[0]!r} (the model has {len(blocks)} blocks)")
+            raise EraserFormatError(f"{where}: missing block {missing[0]!r} ({has})")
         extra = [key for key in eraser_file.state if key not in expected]
         if extra:
-            raise EraserFormatError(f"{where}: unexpected block {extra[0]!r} (the model has {len(blocks)} blocks)")
+            raise EraserFormatError(f"{where}: unexpected block {extra[0]!r} ({has})")
     for key, attention in sites:
         if key in eraser_file.state and eraser_file.dims[key] != family.adapter_dim(attention):
             raise EraserFormatError(

@@ -578,3 +578,12 @@ def test_streaming_a_familys_blocks_changes_no_gradient(name):
         for _ in range(2):
             assert all(torch.equal(g, r) for g, r in zip(step(), reference))
         assert sorted(offloader._host) == list(range(total)) and offloader.copies > 0
+
+
+def test_a_set_of_erasers_from_two_families_cannot_be_saved(tmp_path):
+    from lowmem_eraser.adapter import EraserAdapter, EraserSet
+    from lowmem_eraser.errors import EraserFormatError
+
+    mixed = EraserSet({COGVIDEOX.key.format(0): EraserAdapter(DIM, RANK), WAN.key.format(0): EraserAdapter(DIM, RANK)})
+    with pytest.raises(EraserFormatError, match="not the keys of one model family"):
+        save_erasers(mixed, tmp_path / "mixed")

@@ -331,7 +331,7 @@ def test_host_ram_peak_at_cogvideox_2b_dims(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["Wan", "HunyuanVideo"])
-def test_other_families_load_block_by_block_bit_identical(family, tmp_path):
+def test_other_families_load_block_by_block_bit_identical(family, tmp_path, caplog):
     """Wan (`blocks`) and HunyuanVideo (dual- then single-stream blocks: one global block order, as the block
     streamer counts them) load bit-identical to from_pretrained + quantize_base, keep the host blocks on the
     host, and load again from the int8 cache."""
@@ -346,7 +346,10 @@ def test_other_families_load_block_by_block_bit_identical(family, tmp_path):
     assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu"), ref)
     assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu", int8_cache=tmp_path / "c"), ref)
     assert cache_folders(tmp_path / "c")
-    assert_identical(load_transformer_blockwise(folder, torch.float32, "int8", "cpu", int8_cache=tmp_path / "c"), ref)
+    with caplog.at_level(logging.INFO, logger="lowmem_eraser"):
+        cached = load_transformer_blockwise(folder, torch.float32, "int8", "cpu", int8_cache=tmp_path / "c")
+    assert "from the int8 cache" in caplog.text and "unusable" not in caplog.text  # a hit, not a rebuild
+    assert_identical(cached, ref)
     stacks = ("blocks",) if family == "Wan" else ("transformer_blocks", "single_transformer_blocks")
     blocks = [block for name in stacks for block in getattr(ref, name)]
     last = len(blocks) - 1  # HunyuanVideo: the last single-stream block, after the dual-stream one

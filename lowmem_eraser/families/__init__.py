@@ -114,7 +114,10 @@ def family_of_folder(model: str | os.PathLike) -> Family | None:
     if not isinstance(config, dict):
         return None
     try:
-        return family_of_class(str(config.get("_class_name", "CogVideoXTransformer3DModel")))
+        name = config.get("_class_name") or "CogVideoXTransformer3DModel"
+        if not isinstance(name, str):
+            raise LowmemEraserError(f"_class_name is {name!r}, not a class name")
+        return family_of_class(name)
     except LowmemEraserError as exc:
         raise LowmemEraserError(f"{Path(model) / 'transformer' / 'config.json'}: {exc}") from None
 
