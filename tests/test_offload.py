@@ -231,3 +231,38 @@ def test_pinning_more_than_the_host_has_is_refused_before_allocating(monkeypatch
         _check_host_ram(blocks, indexed)
     monkeypatch.setattr(memory, "host_ram_available", lambda: 2**40)
     _check_host_ram(blocks, indexed)
+
+
+def test_pinning_the_streamed_blocks_gives_the_old_host_copies_back(tmp_path):
+    """attach() copies each streamed block into a flat host buffer and frees the originals; glibc keeps freed
+    small tensors resident unless trimmed, so without `return_freed_memory` the host would hold every streamed
+    block twice. Measured in a fresh process (RSS is per process), 4 blocks of CogVideoX-2b in bf16 (428 MiB):
+    attach grows RSS by 0 MiB with the trim, by 203 MiB with it patched out (the small tensors' pages)."""
+    import subprocess
+    import sys
+
+    script = r'''
+import torch
+from lowmem_eraser.offload import BlockOffloader
+from lowmem_eraser.plan import PRESETS, Setting, build_transformer
+from lowmem_eraser.memory import tensor_bytes
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+model = build_transformer(dict(PRESETS["cogvideox-2b"], num_layers=4), Setting("none", True), torch.bfloat16)
+streamed = sum(tensor_bytes(block) for block in model.transformer_blocks)
+before = rss()
+offloader = BlockOffloader(model, "cpu", stream=True)
+offloader.attach()
+print(streamed, rss() - before)
+'''
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr,
+                             text=True, timeout=300)
+    assert out.returncode == 0, err.read_text()[-2000:]
+    streamed, growth = map(int, out.stdout.split()[-2:])
+    print(f"streamed blocks {streamed / 2**20:.0f} MiB, RSS growth of attach {growth / 2**20:.0f} MiB")
+    assert streamed > 300 * 2**20 and growth < 0.25 * streamed
