@@ -281,9 +281,10 @@ def _install_checkpoint_replay(erasers: EraserSet, transformer: nn.Module, args,
     _ensure_checkpoint_replay(erasers, transformer)
 
 
-def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
+def attach_erasers(transformer: nn.Module, rank: int = 128, expert: str | None = None) -> EraserSet:
     """Attach one fp32 EraserAdapter per block where the transformer's family puts it (CogVideoX: every
-    `CogVideoXBlock.attn1`); returns them keyed by published name."""
+    `CogVideoXBlock.attn1`); returns them keyed by published name. `expert`: which of a pipeline's transformers
+    this is, for families with several (Wan2.2 A14B: "transformer" or "transformer_2"; families/)."""
     if get_erasers(transformer) is not None:
         raise LowmemEraserError("erasers are already attached to this transformer; call detach_erasers first")
     if not isinstance(rank, int) or rank <= 0:
@@ -292,7 +293,7 @@ def attach_erasers(transformer: nn.Module, rank: int = 128) -> EraserSet:
     if foreign is not None:
         raise LowmemEraserError(f"this transformer already carries an eraser injected by other code ({foreign})")
     family = family_of(transformer)
-    sites = family.sites(transformer)
+    sites = family.sites(transformer, expert)
     if not sites:
         raise LowmemEraserError(f"this {type(transformer).__name__} has no {family.blocks} to put an eraser on "
                                 f"({family.name} erasers sit in {family.blocks}.{{i}}.{family.attention})")

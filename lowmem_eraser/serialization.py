@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,18 +271,33 @@ def _published_state(erasers: EraserSet) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def save_erasers(
-    transformer_or_erasers: nn.Module,
+    transformer_or_erasers: nn.Module | Sequence[nn.Module],
     folder: str | os.PathLike,
     metadata: dict | None = None,
     format: str = "pt",
 ) -> Path:
-    """Write the published folder: weights (.pt or .safetensors), `eraser_config.json` and our sidecar."""
-    erasers = transformer_or_erasers if isinstance(transformer_or_erasers, EraserSet) else get_erasers(transformer_or_erasers)
-    if erasers is None:
+    """Write the published folder: weights (.pt or .safetensors), `eraser_config.json` and our sidecar.
+
+    A sequence of transformers/eraser sets writes one file for a pipeline's experts (Wan2.2 A14B: the
+    `transformer` and `transformer_2` erasers, attached with `attach_erasers(..., expert=...)`): same family and
+    rank, each expert's keys under its own prefix."""
+    items = list(transformer_or_erasers) if isinstance(transformer_or_erasers, (list, tuple)) else [transformer_or_erasers]
+    sets = [item if isinstance(item, EraserSet) else get_erasers(item) for item in items]
+    if not sets or any(erasers is None for erasers in sets):
         raise EraserFormatError("save_erasers: the model has no erasers attached")
     if format not in ("pt", "safetensors"):
         raise EraserFormatError(f"save_erasers: format must be 'pt' or 'safetensors', got {format!r}")
-    state = _published_state(erasers)
+    erasers = sets[0]
+    state = {}
+    for other in sets:
+        if (other.family, other.rank) != (erasers.family, erasers.rank):
+            raise EraserFormatError(f"save_erasers: one file holds one family and rank; got {erasers.family} rank "
+                                    f"{erasers.rank} and {other.family} rank {other.rank}")
+        for key, inners in _published_state(other).items():
+            if key in state:
+                raise EraserFormatError(f"save_erasers: {key!r} twice: attach each expert's erasers with its own "
+                                        "`expert=`")
+            state[key] = inners
     sidecar = {
         "family": erasers.family,
         "num_blocks": len(state),
@@ -324,8 +340,11 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool = True) -> EraserSet:
+def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool = True,
+                 expert: str | None = None) -> EraserSet:
     """Load a published eraser into `transformer` (of the eraser's family), attaching adapters if none are.
+    `expert`: which of the pipeline's transformers this is, for families with several (families/); only that
+    expert's keys of the file are loaded.
 
     With `strict=False`, blocks missing from the file keep their current weights and blocks the model lacks
     are ignored; shapes are always checked. Nothing on the model changes unless every check passes.
@@ -342,14 +361,15 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
             f"{where}: cannot load into this transformer: it already carries an eraser injected by other code "
             f"({foreign}); load into a plain {type(transformer).__name__} (load_erasers attaches its own)"
         )
-    sites = family.sites(transformer)
+    sites = family.sites(transformer, expert)
     has = f"the model has {len(sites)} {family.blocks}"  # HunyuanVideo: its single-stream blocks only
     expected = [key for key, _ in sites]
+    mine = family.expert_of(expected[0]) if expected else None  # the other experts' keys are not ours to check
     if strict:
         missing = [key for key in expected if key not in eraser_file.state]
         if missing:
             raise EraserFormatError(f"{where}: missing block {missing[0]!r} ({has})")
-        extra = [key for key in eraser_file.state if key not in expected]
+        extra = [key for key in eraser_file.state if key not in expected and family.expert_of(key) == mine]
         if extra:
             raise EraserFormatError(f"{where}: unexpected block {extra[0]!r} ({has})")
     for key, attention in sites:
@@ -359,10 +379,13 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
                 f"{family.adapter_dim(attention)}"
             )
     erasers = get_erasers(transformer)
+    if erasers is not None and expected and expected[0] not in erasers:
+        raise EraserFormatError(f"{where}: the erasers attached to this transformer are {erasers.keys()[0]!r}..., "
+                                f"not {expected[0]!r}...: attach (or load) with the same `expert`")
     if erasers is not None and erasers.rank != eraser_file.rank:
         raise EraserFormatError(f"{where}: rank {eraser_file.rank} does not match the attached erasers' rank {erasers.rank}")
     if erasers is None:
-        erasers = attach_erasers(transformer, rank=eraser_file.rank)
+        erasers = attach_erasers(transformer, rank=eraser_file.rank, expert=expert)
     with torch.no_grad():
         for key in expected:
             if key in eraser_file.state:

@@ -587,3 +587,41 @@ def test_a_set_of_erasers_from_two_families_cannot_be_saved(tmp_path):
     mixed = EraserSet({COGVIDEOX.key.format(0): EraserAdapter(DIM, RANK), WAN.key.format(0): EraserAdapter(DIM, RANK)})
     with pytest.raises(EraserFormatError, match="not the keys of one model family"):
         save_erasers(mixed, tmp_path / "mixed")
+
+
+def test_a_two_expert_pipeline_keeps_each_experts_erasers_apart_in_one_file(tmp_path):
+    """Wan2.2 A14B: `transformer` (high noise) and `transformer_2` (low noise) each get erasers; one file holds
+    both, the first expert's under the plain published keys, the second's under "transformer_2." + key, and each
+    loads back into its own transformer."""
+    high, low = tiny_wan(seed=0), tiny_wan(seed=1)
+    high_erasers = attach_erasers(high, rank=RANK, expert="transformer")
+    low_erasers = attach_erasers(low, rank=RANK, expert="transformer_2")
+    randomize_erasers(high_erasers, seed=3)
+    randomize_erasers(low_erasers, seed=4)
+    assert high_erasers.keys() == [f"blocks.{i}.attn2.adapter" for i in range(2)]
+    assert low_erasers.keys() == [f"transformer_2.blocks.{i}.attn2.adapter" for i in range(2)]
+    inputs = video_inputs()
+    expected = [forward(CASES[WAN.name], model, inputs) for model in (high, low)]
+    save_erasers([high, low], tmp_path / "a14b")
+    published = torch.load(tmp_path / "a14b" / "eraser_weights.pt", weights_only=True)
+    assert sorted(published) == sorted([*high_erasers.keys(), *low_erasers.keys()])
+    assert read_erasers(tmp_path / "a14b").family == WAN.name
+    fresh_high, fresh_low = tiny_wan(seed=0), tiny_wan(seed=1)
+    load_erasers(fresh_high, tmp_path / "a14b")  # the first expert is the default
+    load_erasers(fresh_low, tmp_path / "a14b", expert="transformer_2")
+    assert torch.equal(forward(CASES[WAN.name], fresh_high, inputs), expected[0])
+    assert torch.equal(forward(CASES[WAN.name], fresh_low, inputs), expected[1])
+    with pytest.raises(EraserFormatError, match="attach \\(or load\\) with the same `expert`"):
+        load_erasers(fresh_high, tmp_path / "a14b", expert="transformer_2")
+    with pytest.raises(LowmemEraserError, match="Wan has no expert 'transformer_3'"):
+        attach_erasers(tiny_wan(), rank=RANK, expert="transformer_3")
+    with pytest.raises(LowmemEraserError, match="CogVideoX has no expert 'transformer_2'"):
+        attach_erasers(tiny_transformer(), rank=RANK, expert="transformer_2")
+    with pytest.raises(EraserFormatError, match="'blocks.0.attn2.adapter' twice"):
+        save_erasers([high, tiny_wan_with_erasers()], tmp_path / "twice")
+
+
+def tiny_wan_with_erasers():
+    model = tiny_wan(seed=2)
+    attach_erasers(model, rank=RANK)
+    return model

@@ -37,11 +37,30 @@ class Family:
     stacks: tuple[str, ...] = ()  # the repeated block lists, in execution order: what is quantised and streamed
     dim_linear: str = "to_q"  # the attention's linear whose in_features is the adapter width
     trainable: bool = False  # `lowmem-eraser train` / `infer` run it (else: attach, save, load, inspect only)
+    # Pipelines with several transformers ("experts", Wan2.2 A14B: `transformer` for high noise, `transformer_2`
+    # for low noise): each gets its own erasers in the same file, the first expert's under the plain keys (so a
+    # one-transformer model's file is the same), every other's under "<expert>." + key.
+    experts: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)  # where the adapter sits and why (README, errors)
 
     @property
     def key_pattern(self) -> re.Pattern:
-        return re.compile(re.escape(self.key).replace(r"\{\}", r"(\d+)"))
+        prefixes = "".join(f"{re.escape(expert)}\\.|" for expert in self.experts[1:])
+        expert = f"(?:{prefixes[:-1]})?" if prefixes else ""
+        return re.compile(expert + re.escape(self.key).replace(r"\{\}", r"(\d+)"))
+
+    def key_prefix(self, expert: str | None) -> str:
+        """The key prefix of `expert`'s erasers: "" for the first (or only) transformer."""
+        if expert is None or (self.experts and expert == self.experts[0]):
+            return ""
+        if expert not in self.experts[1:]:
+            known = ", ".join(self.experts) if self.experts else "none: one transformer"
+            raise LowmemEraserError(f"{self.name} has no expert {expert!r} (experts: {known})")
+        return f"{expert}."
+
+    def expert_of(self, key: str) -> str | None:
+        """Which expert's eraser a published key of this family is (None: a one-transformer family)."""
+        return next((e for e in self.experts[1:] if key.startswith(f"{e}.")), self.experts[0] if self.experts else None)
 
     def block_list(self, transformer: nn.Module) -> list[nn.Module]:
         """The blocks that get an eraser, each checked to have the attention."""
@@ -52,9 +71,11 @@ class Family:
                 f"with an `{self.attention}` attention")
         return list(blocks)
 
-    def sites(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(published key, attention module) of every eraser of `transformer`, in block order."""
-        return [(self.key.format(i), getattr(block, self.attention))
+    def sites(self, transformer: nn.Module, expert: str | None = None) -> list[tuple[str, nn.Module]]:
+        """(published key, attention module) of every eraser of `transformer` (the pipeline's `expert`
+        transformer, when the family has several), in block order."""
+        prefix = self.key_prefix(expert)
+        return [(prefix + self.key.format(i), getattr(block, self.attention))
                 for i, block in enumerate(self.block_list(transformer))]
 
     def adapter_dim(self, attention: nn.Module) -> int:

@@ -14,5 +14,6 @@ FAMILY = register(Family(
     attention="attn2",
     key="blocks.{}.attn2.adapter",
     splits_output=False,
+    experts=("transformer", "transformer_2"),  # Wan2.2 A14B: high-noise, low-noise expert
     notes="cross-attention attn2 of every block (Receler's placement; no published format)",
 ))
