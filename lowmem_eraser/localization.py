@@ -17,8 +17,8 @@ import re
 import torch
 from torch import nn
 
-from .families import COGVIDEOX
 from .errors import LowmemEraserError
+from .families import family_of
 
 
 def concept_spans(text: str, concept: str) -> list[tuple[int, int]]:
@@ -137,11 +137,41 @@ def concept_attention(
     return torch.cat(per_chunk, dim=1)
 
 
+@torch.no_grad()
+def cross_concept_attention(
+    attn: nn.Module, video: torch.Tensor, text: torch.Tensor, concept_tokens: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Softmax mass that each video query of a cross-attention (Wan's `attn2`) puts on the concept text keys,
+    mean over heads: fp32 [B, N_video].
+
+    The keys are the text tokens only (Wan: 512, padding included, unmasked as in the model), so a whole row
+    of logits fits: [B, heads, chunk_size, N_text] fp32 per chunk of video queries. q and k come from the
+    attention's own projections and norms, as its processor builds them (no rotary embedding on this path).
+    """
+    if concept_tokens.shape != text.shape[:2]:
+        raise LowmemEraserError(
+            f"concept token mask has shape {tuple(concept_tokens.shape)}, but the text stream is "
+            f"{tuple(text.shape[:2])} (batch, text tokens)"
+        )
+    if getattr(attn, "fused_projections", False):
+        raise LowmemEraserError("cross_concept_attention needs unfused to_q/to_k projections")
+    query = attn.norm_q(attn.to_q(video)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+    key = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1)).transpose(1, 2).float()
+    concept_weight = concept_tokens.to(device=query.device, dtype=torch.float32)[:, None, None, :]
+    scale = query.shape[-1] ** -0.5
+    per_chunk = []
+    for start in range(0, query.shape[2], chunk_size):
+        logits = (query[:, :, start : start + chunk_size].float() * scale) @ key.transpose(-1, -2)
+        per_chunk.append((logits.softmax(-1) * concept_weight).sum(-1).mean(1))
+    return torch.cat(per_chunk, dim=1)
+
+
 class ConceptMaskCapture:
-    """Collect the concept mask during one forward of a CogVideoX transformer.
+    """Collect the concept mask during one forward of a transformer whose family reads it (families/:
+    CogVideoX from the joint attention `attn1`, Wan from the cross-attention `attn2`).
 
     `with ConceptMaskCapture(transformer, tokens, num_frames) as capture: transformer(...)`, then
-    `capture.mask(threshold)`. A forward hook on every block's `attn1` recomputes q and k from the
+    `capture.mask(threshold)`. A forward hook on every block's attention recomputes q and k from the
     attention's own inputs and sub-modules (no copy of the processor, which keeps using SDPA) and adds up
     the concept attention of each video token. Use it in a no-grad pass (the frozen θ(x_t, c) pass): under
     gradient checkpointing a recomputation would fire the hooks again.
@@ -154,8 +184,13 @@ class ConceptMaskCapture:
     ):
         if chunk_size <= 0:
             raise LowmemEraserError(f"chunk_size must be positive, got {chunk_size}")
-        self.blocks = COGVIDEOX.block_list(transformer)
-        patch_size_t = getattr(transformer.config, "patch_size_t", None)
+        self.family = family_of(transformer)
+        if self.family.concept_attention not in ("joint", "cross"):
+            raise LowmemEraserError(f"the concept mask is not implemented for {self.family.name} yet")
+        self.blocks = self.family.block_list(transformer)
+        patch = getattr(transformer.config, "patch_size", None)
+        patch_size_t = patch[0] if isinstance(patch, (tuple, list)) else getattr(transformer.config, "patch_size_t",
+                                                                                  None)
         self.token_frames = num_frames // patch_size_t if patch_size_t else num_frames  # frames × (h/p) × (w/p)
         self.concept_tokens = concept_token_mask.bool()
         self.chunk_size = chunk_size
@@ -165,7 +200,8 @@ class ConceptMaskCapture:
 
     def __enter__(self) -> ConceptMaskCapture:
         self._sum, self._blocks_seen = None, 0
-        self._handles = [block.attn1.register_forward_hook(self._hook, with_kwargs=True) for block in self.blocks]
+        self._handles = [getattr(block, self.family.attention).register_forward_hook(self._hook, with_kwargs=True)
+                         for block in self.blocks]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -174,6 +210,14 @@ class ConceptMaskCapture:
         self._handles = []
 
     def _hook(self, attn, args, kwargs, output) -> None:
+        if self.family.concept_attention == "cross":  # WanTransformerBlock calls attn2(hidden, text, None, None)
+            video = kwargs.get("hidden_states", args[0] if args else None)
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            attention = cross_concept_attention(attn, video, text, self.concept_tokens.to(video.device),
+                                                self.chunk_size)
+            self._sum = attention if self._sum is None else self._sum + attention
+            self._blocks_seen += 1
+            return
         # CogVideoXBlock calls attn1 by keyword only.
         attention = concept_attention(
             attn,

@@ -625,3 +625,64 @@ def tiny_wan_with_erasers():
     model = tiny_wan(seed=2)
     attach_erasers(model, rank=RANK)
     return model
+
+
+# ------------------------------------------------------------------- 8. the concept mask from Wan's attn2
+
+
+def _naive_cross_attention(attn, video, text, concept_tokens) -> torch.Tensor:
+    """fp64, the whole [heads, N_video, N_text] softmax at once: the reference the chunked fp32 one must match."""
+    import copy
+
+    attn = copy.deepcopy(attn).double()
+    q = attn.norm_q(attn.to_q(video.double())).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+    k = attn.norm_k(attn.to_k(text.double())).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return (probs * concept_tokens.double()[:, None, None, :]).sum(-1).mean(1)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 48, 4096])  # uneven, exact, one chunk
+def test_wan_cross_attention_concept_mass_matches_an_fp64_reference(chunk_size):
+    from lowmem_eraser.localization import cross_concept_attention
+
+    attn = tiny_wan().blocks[0].attn2
+    gen = torch.Generator().manual_seed(5)
+    video, text = torch.randn(2, VIDEO_TOKENS, DIM, generator=gen), torch.randn(2, TEXT_TOKENS, DIM, generator=gen)
+    concept = torch.zeros(2, TEXT_TOKENS, dtype=torch.bool)
+    concept[0, 1:3], concept[1, 4] = True, True
+    got = cross_concept_attention(attn, video, text, concept, chunk_size=chunk_size)
+    expected = _naive_cross_attention(attn, video, text, concept)
+    assert got.dtype == torch.float32 and got.shape == (2, VIDEO_TOKENS)
+    assert torch.allclose(got.double(), expected, atol=1e-6, rtol=0)  # fp32 softmax of a few logits
+
+
+def test_the_concept_mask_capture_reads_wans_cross_attention_in_every_block():
+    """During a real Wan forward the capture hooks every block's attn2 and averages the per-block concept mass;
+    the per-frame min-max normalisation then applies as for CogVideoX (3 latent frames of 16 patches here)."""
+    from lowmem_eraser.localization import ConceptMaskCapture
+
+    model = tiny_wan()
+    latents, text, timestep, _, _ = inputs = video_inputs()
+    concept = torch.zeros(1, TEXT_TOKENS, dtype=torch.bool)
+    concept[0, 2] = True
+    seen = []  # attn2's own inputs, recorded independently of the capture
+    handles = [block.attn2.register_forward_hook(lambda m, a, o: seen.append((m, a[0], a[1])))
+               for block in model.blocks]
+    with torch.no_grad(), ConceptMaskCapture(model, concept, num_frames=3) as capture:
+        run_wan(model, inputs)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == len(model.blocks)
+    expected = sum(_naive_cross_attention(m, v, t, concept) for m, v, t in seen) / len(seen)
+    frames = expected.view(1, 3, -1)
+    low, high = frames.amin(-1, keepdim=True), frames.amax(-1, keepdim=True)
+    expected_normalized = ((frames - low) / (high - low)).view(1, -1)
+    assert torch.allclose(capture.normalized().double(), expected_normalized, atol=1e-5, rtol=0)
+    assert torch.equal(capture.mask(0.5), (capture.normalized() >= 0.5).float())
+
+
+def test_the_concept_mask_is_refused_where_a_family_has_none_yet():
+    from lowmem_eraser.localization import ConceptMaskCapture
+
+    with pytest.raises(LowmemEraserError, match="concept mask is not implemented for HunyuanVideo"):
+        ConceptMaskCapture(tiny_hunyuan(), torch.zeros(1, TEXT_TOKENS, dtype=torch.bool), num_frames=3)

@@ -41,6 +41,10 @@ class Family:
     # for low noise): each gets its own erasers in the same file, the first expert's under the plain keys (so a
     # one-transformer model's file is the same), every other's under "<expert>." + key.
     experts: tuple[str, ...] = ()
+    # How the concept mask reads the text->video attention (localization.py): "joint" (one attention over text +
+    # video tokens, the concept tokens among the keys), "cross" (the eraser's attention: video queries, text
+    # keys only), "" (not implemented yet for this family).
+    concept_attention: str = ""
     notes: str = field(default="", compare=False)  # where the adapter sits and why (README, errors)
 
     @property

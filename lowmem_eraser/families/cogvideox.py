@@ -14,5 +14,6 @@ FAMILY = register(Family(
     key="transformer_blocks.{}.attn1.adapter",
     splits_output=True,
     trainable=True,
+    concept_attention="joint",
     notes="joint text+video attention attn1 of every block, video output (published)",
 ))

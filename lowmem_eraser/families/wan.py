@@ -14,6 +14,7 @@ FAMILY = register(Family(
     attention="attn2",
     key="blocks.{}.attn2.adapter",
     splits_output=False,
+    concept_attention="cross",  # attn2: the only place the text enters
     experts=("transformer", "transformer_2"),  # Wan2.2 A14B: high-noise, low-noise expert
     notes="cross-attention attn2 of every block (Receler's placement; no published format)",
 ))
