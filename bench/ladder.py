@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from lowmem_eraser.config import LossConfig
-from lowmem_eraser.plan import (PRESETS, Predictor, RunSpec, Setting, Speeds, check_video, fewest_streamed, ladder,
-                                model_spec)
+from lowmem_eraser.plan import (PRESETS, Predictor, RunSpec, Setting, Speeds, check_video, fastest_fit, ladder,
+                                model_spec, rung_candidates)
 
 GiB = 2**30
 BUDGETS = (8, 12, 16, 24)
@@ -54,17 +54,10 @@ def model_rows(name: str, speeds: Speeds) -> list[str]:
               "|---|---|---:|---:|---:|---:|---:|"]
     resident_int8 = predictor.step_seconds(Setting("int8", True), speeds)
     for budget in BUDGETS:
-        bytes_ = budget * GiB
-        candidates = [replace(s) for s in ladder(depth)]
-        for s in [s for s in candidates if s.checkpointing and s.swap == 0]:
-            n = fewest_streamed(predictor, s, run, bytes_)
-            if n is not None:
-                candidates.append(replace(s, swap=n))
-        fitting = [p for p in (predictor.process(s, run, bytes_) for s in candidates) if p.fits(bytes_)]
-        if not fitting:
+        pick = fastest_fit(rung_candidates(predictor, run, budget * GiB), budget * GiB)
+        if pick is None:
             lines.append(f"| {budget} GB | nothing fits | | | | | |")
             continue
-        pick = min(fitting, key=lambda p: (round(p.seconds, 2), p.moved, p.setting.speed_rank()))
         lines.append(f"| {budget} GB | {rung_label(pick.setting, depth)}, T5 on the "
                      f"{'GPU' if pick.text_on_gpu else 'CPU'} | {pick.needs / GiB:.2f} | {pick.host / GiB:.2f} | "
                      f"{pick.moved / 1e9:.1f} | {pick.seconds:.2f} | {pick.seconds / resident_int8:.2f}x |")

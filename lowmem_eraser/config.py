@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import typing
 import warnings
@@ -21,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 from .errors import ConfigError, LowmemEraserError
-from .families import require_trainable
+from .families import require_trainable, transformer_config_json
 from .localization import concept_spans
 
 MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
@@ -321,12 +320,12 @@ def validate(config: TrainConfig) -> None:
             "memory.offload_activations: true needs memory.gradient_checkpointing: true (it moves what checkpointing "
             "keeps, each block's inputs, to the CPU; without checkpointing every activation would cross PCIe)"
         )
-    layers = _transformer_config(config.model).get("num_layers")
-    offload = config.memory.offload
-    if isinstance(offload, int) and isinstance(layers, int) and offload > layers:
-        raise ConfigError(
-            f"memory.offload: {offload} blocks to stream, but {config.model / 'transformer' / 'config.json'} has "
-            f"{layers} blocks (use 1..{layers}, or all)")
+    layers = transformer_config_json(config.model).get("num_layers")
+    if isinstance(layers, int):
+        try:
+            config.memory.streamed_blocks(layers)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}: {config.model / 'transformer' / 'config.json'}") from None
     if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
         raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
     if config.validation.every > 0 and not config.validation.prompts:
@@ -340,19 +339,9 @@ def validate(config: TrainConfig) -> None:
         )
 
 
-def _transformer_config(model: Path) -> dict:
-    """The transformer's config.json; {} when it cannot be read (the model loader reports a missing or broken
-    file itself)."""
-    try:
-        config = json.loads((model / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 def _attention_dim(model: Path) -> int | None:
     """num_attention_heads * attention_head_dim from the transformer's config.json; None when it cannot be read."""
-    transformer = _transformer_config(model)
+    transformer = transformer_config_json(model)
     try:
         heads, head_dim = transformer["num_attention_heads"], transformer["attention_head_dim"]
     except KeyError:

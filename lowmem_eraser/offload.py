@@ -79,7 +79,7 @@ def _block_entries(block: nn.Module) -> tuple[list[_Entry], int]:
                     continue
                 if type(tensor) not in (torch.Tensor, nn.Parameter):
                     raise LowmemEraserError(
-                        f"offload: blocks cannot stream {type(tensor).__module__}.{type(tensor).__name__} "
+                        f"memory.offload cannot stream {type(tensor).__module__}.{type(tensor).__name__} "
                         f"({type(module).__name__}.{name}); quantize with backend 'int8' or 'triton' instead of 'bnb'"
                     )
                 if id(tensor) not in entries:

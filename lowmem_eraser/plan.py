@@ -12,8 +12,8 @@ against the live-tensor peak of the same step run for real on the full-depth mod
   the peak and FLOPs are extrapolated linearly to the real depth (the per-block term is the activations
   or checkpoints each block keeps, plus its adapter gradients);
 - weights are counted, not simulated: each setting adds its resident weights to the simulated step; for
-  `offload: blocks` those are the weights outside the blocks plus the two device slots `BlockOffloader`
-  allocates (the real offloader needs real storage, so its effect is modelled, not run); with the Triton
+  streamed blocks (`memory.offload`) those are the weights outside them plus the (at most) two device slots
+  `BlockOffloader` allocates (the real offloader needs real storage, so its effect is modelled, not run); with the Triton
   int8 kernel an int8 step keeps what a bf16 step keeps, so one simulation serves both (see Predictor);
 - batch: activations are linear in the batch, so batch > 1 is extrapolated from batches 1 and 2.
 """
@@ -372,9 +372,9 @@ class Predictor:
                                                 **self.offload_options)
                 step_peak, flops = measure_step(transformer, erasers, inputs, self.loss, activations=offloader)
             # fp32 adapters + AdamW's exp_avg and exp_avg_sq; their gradients are part of the step
-            counters = getattr(offloader, "counters", None)
+            pool = offloader.counters.host_pool_bytes if setting.offload_activations else 0
             self._steps[key] = Prediction(setting, 0, 3 * tensor_bytes(erasers), inputs.nbytes, step_peak, flops,
-                                          offloaded_bytes(offloader), counters.host_pool_bytes if counters else 0)
+                                          offloaded_bytes(offloader), pool)
         return replace(self._steps[key], setting=setting)
 
     def predict(self, setting: Setting) -> Prediction:
@@ -677,6 +677,24 @@ def fewest_streamed(predictor: "Predictor", setting: Setting, run: RunSpec, budg
     return high if high < depth else None
 
 
+def rung_candidates(predictor: "Predictor", run: RunSpec, budget: int, batch: int = 1) -> list["ProcessPrediction"]:
+    """Every rung's whole process at `batch`: the ladder (no or all blocks streamed, activations offloaded or not,
+    int8 or not, checkpointing or not) plus, per checkpointed rung, the fewest streamed blocks that fit."""
+    settings = [replace(setting, batch=batch) for setting in ladder(predictor.depth)]
+    for setting in [s for s in settings if s.checkpointing and s.swap == 0]:
+        partial = fewest_streamed(predictor, setting, run, budget)
+        if partial is not None:
+            settings.append(replace(setting, swap=partial))
+    return [predictor.process(setting, run, budget) for setting in settings]
+
+
+def fastest_fit(candidates: list["ProcessPrediction"], budget: int) -> "ProcessPrediction | None":
+    """The candidate with the shortest predicted step among those that fit; equal times (copies hidden behind
+    compute) go to the one that moves fewer bytes, which leaves the link more headroom."""
+    fitting = [c for c in candidates if c.fits(budget)]
+    return min(fitting, key=lambda c: (round(c.seconds, 2), c.moved, c.setting.speed_rank())) if fitting else None
+
+
 def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig, budget: int,
               max_batch: int = 8, run: RunSpec = RunSpec(), dtype: torch.dtype = torch.bfloat16,
               batch: int = 1, configured: Setting | None = None, speeds: Speeds = Speeds()) -> Plan:
@@ -687,15 +705,8 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
     spec = model_spec(model)
     predictor = Predictor(spec.transformer, video, rank, loss, dtype, text_config=spec.text_encoder,
                           vae_config=spec.vae, speeds=speeds)
-    settings = [replace(setting, batch=batch) for setting in ladder(predictor.depth)]
-    for setting in [s for s in settings if s.checkpointing and s.swap == 0]:
-        partial = fewest_streamed(predictor, setting, run, budget)
-        if partial is not None:
-            settings.append(replace(setting, swap=partial))
-    candidates = [predictor.process(setting, run, budget) for setting in settings]
-    fitting = [c for c in candidates if c.fits(budget)]
-    # equal predicted times (copies hidden behind compute): the one that moves fewer bytes has more headroom
-    pick = min(fitting, key=lambda c: (round(c.seconds, 2), c.moved, c.setting.speed_rank())) if fitting else None
+    candidates = rung_candidates(predictor, run, budget, batch)
+    pick = fastest_fit(candidates, budget)
     if pick is not None:
         batch += 1
         while batch <= max_batch:

@@ -27,14 +27,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runfolder
+from .activation_offload import offload_activations
 from .adapter import attach_erasers, erasers_disabled
 from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
 from .errors import LowmemEraserError
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
-from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
-from .activation_offload import offload_activations
 from .lowram_load import load_transformer_blockwise
+from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
 from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory

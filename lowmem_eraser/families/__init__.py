@@ -128,15 +128,21 @@ def family_of(transformer: nn.Module) -> Family:
     return family_of_class(type(transformer).__name__)
 
 
-def family_of_folder(model: str | os.PathLike) -> Family | None:
-    """The family of a local diffusers model folder, from its transformer's `_class_name` (a config without one,
-    hand-written, is read as CogVideoX, as the loaders do); None when transformer/config.json cannot be read
-    (the loaders then name the missing or broken file)."""
+def transformer_config_json(model: str | os.PathLike) -> dict:
+    """A local diffusers model folder's transformer/config.json; {} when it cannot be read (the loaders then name
+    the missing or broken file)."""
     try:
         config = json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def family_of_folder(model: str | os.PathLike) -> Family | None:
+    """The family of a local diffusers model folder, from its transformer's `_class_name` (a config without one,
+    hand-written, is read as CogVideoX, as the loaders do); None when transformer/config.json cannot be read."""
+    config = transformer_config_json(model)
+    if not config:
         return None
     try:
         name = config.get("_class_name") or "CogVideoXTransformer3DModel"
