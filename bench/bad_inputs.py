@@ -62,12 +62,13 @@ def _file(paths: dict, name: str, content: bytes) -> str:
     return str(path)
 
 
-def _wan_folder(paths: dict) -> str:
-    """A model folder whose transformer is a Wan one (only its config: refused before anything is loaded)."""
-    folder = paths["root"] / "wan"
+def _hunyuan_folder(paths: dict) -> str:
+    """A model folder whose transformer is a HunyuanVideo one (only its config: refused before anything is
+    loaded)."""
+    folder = paths["root"] / "hunyuan"
     for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    (folder / "transformer" / "config.json").write_text('{"_class_name": "WanTransformer3DModel"}')
+    (folder / "transformer" / "config.json").write_text('{"_class_name": "HunyuanVideoTransformer3DModel"}')
     return str(folder)
 
 
@@ -106,7 +107,7 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
             paths, "act", memory__offload_activations=True, memory__gradient_checkpointing=False)],
          "memory.offload_activations"),
         ("train: a model of a family not trained yet", ["train", "--config", _config_with(
-            paths, "wan", model=_wan_folder(paths))], "Wan"),
+            paths, "hunyuan", model=_hunyuan_folder(paths))], "HunyuanVideo"),
         ("infer: --steps 0", [*infer, "--steps", "0"], "--steps"),
         ("infer: --steps -2", [*infer, "--steps", "-2"], "--steps"),
         ("infer: --strength nan", [*infer, "--strength", "nan"], "--strength"),

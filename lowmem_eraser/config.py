@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 from .errors import ConfigError, LowmemEraserError
-from .families import require_trainable, transformer_config_json
+from .families import block_count, require_trainable, transformer_config_json
 from .localization import concept_spans
 
 MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
@@ -224,7 +224,7 @@ class ValidationConfig(_Section):
 class TrainConfig(_Section):
     """The whole training config. `model`, `prompts`, `concept` and `output_dir` are required."""
 
-    model: Path  # local diffusers CogVideoX folder
+    model: Path  # local diffusers model folder of a trainable family (CogVideoX, Wan)
     prompts: Path  # CSV with `prompt`, `normal prompt` columns, or a YAML list of pairs
     concept: str  # word(s) whose tokens define the localisation mask
     output_dir: Path
@@ -288,7 +288,7 @@ def validate(config: TrainConfig) -> None:
     for sub in MODEL_SUBFOLDERS:
         if not (config.model / sub).is_dir():
             raise ConfigError(
-                f"model: {config.model} has no {sub}/ sub-folder (a diffusers CogVideoX folder needs "
+                f"model: {config.model} has no {sub}/ sub-folder (a diffusers model folder needs "
                 f"{', '.join(s + '/' for s in MODEL_SUBFOLDERS)})"
             )
     try:
@@ -320,8 +320,8 @@ def validate(config: TrainConfig) -> None:
             "memory.offload_activations: true needs memory.gradient_checkpointing: true (it moves what checkpointing "
             "keeps, each block's inputs, to the CPU; without checkpointing every activation would cross PCIe)"
         )
-    layers = transformer_config_json(config.model).get("num_layers")
-    if isinstance(layers, int):
+    layers = block_count(transformer_config_json(config.model))
+    if layers:
         try:
             config.memory.streamed_blocks(layers)
         except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""`lowmem-eraser infer`: generate a video with an eraser loaded into a local CogVideoX folder.
+"""`lowmem-eraser infer`: generate a video with an eraser loaded into a local model folder (CogVideoX, Wan).
 
 The pipeline is assembled from the folder's components (so a folder without `model_index.json` works too).
 Folders with a `vae/` decode through it; folders without one (the toy model) are decoded by the toy world's
@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from .errors import LowmemEraserError
-from .families import require_trainable
+from .families import runtime_of_folder
 from .loading import from_pretrained_or_error, model_files
+from .sampling import runtime_of
 
 logger = logging.getLogger(__name__)
 OFFLOAD_MODES = ("none", "model", "sequential")
-FPS = 8  # CogVideoX's published frame rate
+FPS = 8  # CogVideoX's published frame rate (the toy world's too); other families: their runtime's `fps`
 
 
 @dataclass
@@ -36,17 +37,23 @@ class Generation:
 
 
 def load_pipeline(model: str | Path, offload: str = "none"):
-    """CogVideoXPipeline from a local folder's components, on CUDA in bf16 if there is one, else CPU fp32."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    """The family's pipeline (CogVideoXPipeline, WanPipeline) from a local folder's components, on CUDA in bf16
+    if there is one, else CPU fp32."""
+    import diffusers
+    import transformers
+    from transformers import AutoTokenizer
 
     from .train import load_scheduler
 
     model = Path(model)
-    require_trainable(model, "--model")
+    runtime = runtime_of_folder(model, "--model")
     for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
         if not (model / sub).is_dir():
-            raise LowmemEraserError(f"--model: {model} has no {sub}/ folder (expected a diffusers CogVideoX folder)")
+            raise LowmemEraserError(f"--model: {model} has no {sub}/ folder (expected a diffusers model folder with "
+                                    "transformer/, text_encoder/, tokenizer/, scheduler/)")
+    if runtime.pipeline_class != "CogVideoXPipeline" and not (model / "vae").is_dir():
+        raise LowmemEraserError(f"--model: {model} has no vae/ folder (only the toy CogVideoX world renders "
+                                "latents without a VAE)")
     if offload not in OFFLOAD_MODES:
         raise LowmemEraserError(f"--offload: expected one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     cuda = torch.cuda.is_available()
@@ -55,12 +62,14 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     dtype = torch.bfloat16 if cuda else torch.float32
     with model_files(model / "scheduler", "scheduler"):  # a broken file is named, not a library traceback
         scheduler = load_scheduler(model)
-    pipe = CogVideoXPipeline(
+    vae_class = getattr(diffusers, runtime.vae_class)
+    pipe = getattr(diffusers, runtime.pipeline_class)(
         tokenizer=from_pretrained_or_error(AutoTokenizer, model / "tokenizer"),
-        text_encoder=from_pretrained_or_error(T5EncoderModel, model / "text_encoder", torch_dtype=dtype),
-        vae=from_pretrained_or_error(AutoencoderKLCogVideoX, model / "vae", torch_dtype=dtype)
-        if (model / "vae").is_dir() else None,
-        transformer=from_pretrained_or_error(CogVideoXTransformer3DModel, model / "transformer", torch_dtype=dtype),
+        text_encoder=from_pretrained_or_error(getattr(transformers, runtime.text_encoder_class), model / "text_encoder",
+                                              torch_dtype=dtype),
+        vae=from_pretrained_or_error(vae_class, model / "vae", torch_dtype=dtype) if (model / "vae").is_dir() else None,
+        transformer=from_pretrained_or_error(getattr(diffusers, runtime.transformer_class), model / "transformer",
+                                             torch_dtype=dtype),
         scheduler=scheduler,
     )
     if offload == "model":
@@ -85,7 +94,11 @@ def vae_tiling(pipe, mode: str, frames: int, height: int, width: int) -> bool:
     if pipe.vae is None:
         return False
     tiled = mode == "on"
-    if mode == "auto" and pipe._execution_device.type == "cuda":
+    if mode == "auto" and pipe._execution_device.type == "cuda" and type(pipe.vae).__name__ != "AutoencoderKLCogVideoX":
+        # The decode peak is simulated for CogVideoX's VAE only so far: other VAEs decode tiled on a GPU.
+        tiled = True
+        logger.info("VAE decode of %s: tiling on (--vae-tiling off to decode whole)", type(pipe.vae).__name__)
+    elif mode == "auto" and pipe._execution_device.type == "cuda":
         from .sampling import latent_frames
         from .stages import ALLOCATOR_SLACK, vae_decode_peak
 
@@ -112,12 +125,14 @@ def vae_tiling(pipe, mode: str, frames: int, height: int, width: int) -> bool:
 
 def generate(pipe, spec: Generation, tiling: str = "auto") -> np.ndarray:
     """One video as uint8 frames [F, H, W, 3]."""
-    config = pipe.transformer.config
-    frames = spec.frames if spec.frames is not None else config.sample_frames
+    runtime = runtime_of(pipe.transformer)
+    config = dict(pipe.transformer.config)
+    default = runtime.video_size(config, pipe.vae_scale_factor_spatial)
+    frames = spec.frames if spec.frames is not None else default[0]
     if frames <= 0 or frames % 8 != 1:
         raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {frames}")
-    height = spec.height or config.sample_height * pipe.vae_scale_factor_spatial
-    width = spec.width or config.sample_width * pipe.vae_scale_factor_spatial
+    height = spec.height or default[1]
+    width = spec.width or default[2]
     vae_tiling(pipe, tiling, frames, height, width)
     device = pipe._execution_device
     output = pipe(
@@ -128,7 +143,7 @@ def generate(pipe, spec: Generation, tiling: str = "auto") -> np.ndarray:
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
         generator=torch.Generator(device).manual_seed(spec.seed),
-        max_sequence_length=config.max_text_seq_length,
+        max_sequence_length=runtime.max_text_length(config),
         output_type="np" if pipe.vae is not None else "latent",
         return_dict=False,
     )[0]
@@ -182,4 +197,4 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
             base = generate(pipe, spec, tiling)
         separator = np.full((*base.shape[:2], max(2, base.shape[2] // 32), 3), 255, dtype=np.uint8)
         erased = np.concatenate([base, separator, erased], axis=2)
-    return export(erased, output)
+    return export(erased, output, fps=runtime_of(pipe.transformer).fps if pipe.vae is not None else FPS)

@@ -15,22 +15,33 @@ import torch
 from .adapter import erasers_disabled
 
 
-def make_pipeline(transformer, scheduler):
-    """A CogVideoXPipeline around our transformer for sampling from precomputed embeddings (no T5, no VAE)."""
-    from diffusers import CogVideoXPipeline
+def runtime_of(transformer):
+    """The family runtime (families/runtime.py) of a transformer `train` / `infer` can run."""
+    from .errors import LowmemEraserError
+    from .families import family_of
 
-    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    family = family_of(transformer)
+    if family.runtime is None:
+        raise LowmemEraserError(f"training and sampling are not implemented for {family.name} yet")
+    return family.runtime
+
+
+def make_pipeline(transformer, scheduler):
+    """The family's pipeline around our transformer for sampling from precomputed embeddings (no text encoder,
+    no VAE): CogVideoXPipeline, WanPipeline."""
+    import diffusers
+
+    pipeline = getattr(diffusers, runtime_of(transformer).pipeline_class)
+    return pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
 
 
 def latent_frames(frames: int) -> int:
-    return (frames - 1) // 4 + 1  # CogVideoX's VAE compresses time by 4
+    return (frames - 1) // 4 + 1  # every supported family's VAE compresses time by 4
 
 
 def rotary_embeddings(pipe, video, device):
-    """The pipeline's rotary position embeddings (CogVideoX-5b), or None for models without them."""
-    if not pipe.transformer.config.use_rotary_positional_embeddings:
-        return None
-    return pipe._prepare_rotary_positional_embeddings(video.height, video.width, latent_frames(video.frames), device)
+    """Position embeddings the family's pipeline builds outside the transformer (CogVideoX-5b), else None."""
+    return runtime_of(pipe.transformer).rotary(pipe, video, device)
 
 
 def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, stop_after=None):
@@ -90,11 +101,12 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
     return torch.stack(latents)
 
 
-def renoise(scheduler, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = add_noise(x0, ε, t) with t uniform over the training timesteps; returns (x_t, t)."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    return scheduler.add_noise(x0, noise, t), t
+def renoise(transformer, scheduler, x0: torch.Tensor, generator: torch.Generator,
+            num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = the scheduler's own noising of x0 at a drawn t; returns (x_t, t). How t is drawn is the
+    transformer's family's (families/runtime.py): CogVideoX uniform over the training timesteps, flow matching
+    from the pipeline's shifted grid of `num_inference_steps` steps."""
+    return runtime_of(transformer).renoise(scheduler, x0, generator, num_inference_steps)
 
 
 @torch.no_grad()

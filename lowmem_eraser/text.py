@@ -1,8 +1,9 @@
-"""Text embeddings computed once, cached on disk, and the T5 encoder freed before training starts.
+"""Text embeddings computed once, cached on disk, and the text encoder freed before training starts.
 
-The T5-XXL encoder alone is ~9.5 GB in bf16; the prompts of a run never change, so every target,
-preservation and empty prompt is encoded once (batched) and the encoder is dropped before the transformer
-is loaded. `memory.text_encoder` chooses the GPU or the CPU for that one pass. The cache is keyed by a hash of the encoder/tokenizer files, the prompts and the settings.
+CogVideoX's T5-XXL encoder alone is ~9.5 GB in bf16 (Wan's UMT5-XXL ~11 GB); the prompts of a run never change,
+so every target, preservation and empty prompt is encoded once (batched, through the family's own pipeline) and
+the encoder is dropped before the transformer is loaded. `memory.text_encoder` chooses the GPU or the CPU for
+that one pass. The cache is keyed by a hash of the encoder/tokenizer files, the prompts and the settings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .families import runtime_of_folder
 from .loading import from_pretrained_or_error
 from .localization import concept_token_mask
 from .serialization import atomic_write
@@ -53,24 +55,22 @@ def _fingerprint_hash(model_dir: Path, max_length: int, dtype: torch.dtype, **co
 
 
 def _encode(model_dir: Path, prompts: list[str], concept: str, targets: int, max_length: int, dtype, device, batch_size):
-    from diffusers import CogVideoXPipeline
-    from transformers import AutoTokenizer, T5EncoderModel
+    """Embeddings of `prompts` through the family's own pipeline `encode_prompt` (CogVideoX: T5; Wan: UMT5, zero
+    after each prompt's end), and the concept tokens of the first `targets`."""
+    import diffusers
+    import transformers
+    from transformers import AutoTokenizer
 
+    runtime = runtime_of_folder(model_dir)
     tokenizer = from_pretrained_or_error(AutoTokenizer, model_dir / "tokenizer")
-    text_encoder = from_pretrained_or_error(T5EncoderModel, model_dir / "text_encoder", torch_dtype=dtype)
+    encoder_class = getattr(transformers, runtime.text_encoder_class)
+    text_encoder = from_pretrained_or_error(encoder_class, model_dir / "text_encoder", torch_dtype=dtype)
     text_encoder = text_encoder.to(device).eval()
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+    pipe = getattr(diffusers, runtime.pipeline_class)(tokenizer=tokenizer, text_encoder=text_encoder, vae=None,
+                                                      transformer=None, scheduler=None)
     with torch.no_grad():
-        chunks = [
-            pipe.encode_prompt(
-                prompts[i : i + batch_size],
-                do_classifier_free_guidance=False,
-                max_sequence_length=max_length,
-                device=device,
-                dtype=dtype,
-            )[0].cpu()
-            for i in range(0, len(prompts), batch_size)
-        ]
+        chunks = [runtime.encode(pipe, prompts[i : i + batch_size], max_length, device, dtype).cpu()
+                  for i in range(0, len(prompts), batch_size)]
     concept_tokens = concept_token_mask(tokenizer, prompts[:targets], concept, max_length) if targets else None
     return torch.cat(chunks), concept_tokens
 

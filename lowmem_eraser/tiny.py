@@ -1,8 +1,9 @@
-"""Tiny CogVideoX model folders built offline from configs (real diffusers/transformers classes, random weights).
+"""Tiny model folders built offline from configs (real diffusers/transformers classes, random weights).
 
 No model hub is reachable here, so tests and the toy world build their own `from_pretrained` folders:
-a word-level tokenizer (T5's own needs a downloaded vocabulary), a small T5 encoder, a small
-`CogVideoXTransformer3DModel` and a CogVideoX scheduler. The VAE is left out: training never needs it.
+a word-level tokenizer (T5's own needs a downloaded vocabulary), a small T5 (CogVideoX) or UMT5 (Wan) encoder,
+a small `CogVideoXTransformer3DModel` / `WanTransformer3DModel` and the family's scheduler. The VAE is left out
+unless asked for: training never needs it.
 """
 
 from __future__ import annotations
@@ -89,4 +90,46 @@ def build_tiny_cogvideox(
             layers_per_block=1,
             norm_num_groups=2,
         ).save_pretrained(folder / "vae")
+    return folder
+
+
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=16,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    rope_max_seq_len=32,
+)
+TINY_WAN_TEXT_LENGTH = 12  # the tests' max_sequence_length; the real pipeline pads to 512
+
+
+def build_tiny_wan(folder: str | Path, texts: list[str], seed: int = 0, with_vae: bool = False,
+                   **transformer_overrides) -> Path:
+    """Write a tiny Wan2.1 folder (transformer/, text_encoder/ UMT5, tokenizer/, scheduler/ flow matching with
+    Wan's shift, and vae/ AutoencoderKLWan if asked) whose vocabulary covers the words of `texts`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = {**TINY_WAN, **transformer_overrides}
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer(words_of(texts), TINY_WAN_TEXT_LENGTH)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=config["text_dim"], d_kv=8, d_ff=48, num_layers=1, num_heads=2,
+        pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu"))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    WanTransformer3DModel(**config).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")  # Wan2.1 480p's flow shift
+    if with_vae:  # 8x spatial, 4x temporal like the real VAE
+        z_dim = config["in_channels"]
+        AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                         temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                         latents_std=[1.0] * z_dim).save_pretrained(folder / "vae")
     return folder

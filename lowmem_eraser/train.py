@@ -31,13 +31,15 @@ from .activation_offload import offload_activations
 from .adapter import attach_erasers, erasers_disabled
 from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
 from .errors import LowmemEraserError
+from .families import block_count, family_of, runtime_of_folder, transformer_config_json
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
 from .lowram_load import load_transformer_blockwise
 from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
-from .sampling import generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, trajectory
+from .sampling import (generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, runtime_of,
+                       trajectory)
 from .serialization import atomic_write, save_erasers
 from .plots import plot_losses
 from .text import cache_key, encode_prompts
@@ -59,11 +61,12 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
     `memory.blockwise_load` reads and quantises it block by block (lowram_load.py: host RAM holds one
     full-precision block, plus the streamed blocks); otherwise it is loaded whole on the CPU, quantised there and
     moved. `memory.int8_cache` keeps the quantised copy in `cache` for the next run."""
-    from diffusers import CogVideoXTransformer3DModel
+    import diffusers
 
     memory = config.memory
     backend = "none" if memory.quantize == "none" else resolve_backend(memory.quantize, device)
-    depth = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["num_layers"]
+    transformer_class = getattr(diffusers, runtime_of_folder(config.model).transformer_class)
+    depth = block_count(transformer_class.load_config(config.model / "transformer"))
     streamed = memory.streamed_blocks(depth) if device.type == "cuda" else 0
     if memory.offload != "none" and device.type != "cuda":
         logger.info("memory.offload: %s needs CUDA; on this device every weight stays where it is (no-op)",
@@ -73,13 +76,13 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
             config.model / "transformer", dtype, backend, device, host_blocks=streamed_indices(streamed, depth),
             int8_cache=cache if memory.int8_cache else None)
     else:
-        transformer = from_pretrained_or_error(CogVideoXTransformer3DModel, config.model / "transformer",
-                                               torch_dtype=dtype)
+        transformer = from_pretrained_or_error(transformer_class, config.model / "transformer", torch_dtype=dtype)
         transformer.requires_grad_(False)
         if backend != "none":
             quantize_base(transformer, backend=backend)
+        stacks = family_of(transformer).stacks or (family_of(transformer).blocks,)
         for name, module in transformer.named_children():
-            if name != "transformer_blocks" or not streamed:
+            if name not in stacks or not streamed:  # BlockOffloader places the stacks' blocks itself
                 module.to(device)
         return_freed_memory()  # the full-precision weights quantize_base replaced
     if memory.gradient_checkpointing:
@@ -108,10 +111,10 @@ def lr_factor(train: TrainLoopConfig, step: int) -> float:
 
 
 def velocity(transformer, x_t, t, text, rotary):
-    """The transformer's v-prediction for latents x_t [B, F, C, H, W] at timesteps t, text embeddings [B, L, D]."""
-    return transformer(
-        hidden_states=x_t, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary, return_dict=False
-    )[0]
+    """The transformer's prediction in its own space (CogVideoX: v; flow-matching families: the flow velocity)
+    for latents x_t (CogVideoX [B, F, C, H, W], Wan [B, C, F, H, W]) at timesteps t, text embeddings [B, L, D];
+    called the way the family's pipeline calls it (families/runtime.py)."""
+    return runtime_of(transformer).velocity(transformer, x_t, t, text, rotary)
 
 
 def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, rotary, frames, loss_cfg,
@@ -255,9 +258,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
     phase = "text encoding"
     try:
         # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
-        from diffusers import CogVideoXTransformer3DModel
-
-        max_length = CogVideoXTransformer3DModel.load_config(config.model / "transformer")["max_text_seq_length"]
+        max_length = runtime_of_folder(config.model).max_text_length(transformer_config_json(config.model))
         text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache",
                               placement=config.memory.text_encoder)
         validation = config.validation
@@ -331,7 +332,8 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                 c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
                 empty = text.empty.expand_as(c).to(device)
                 if config.sampling.mode == "renoise":
-                    x_t, t = renoise(scheduler, x0[index], generator)
+                    x_t, t = renoise(transformer, scheduler, x0[index], generator,
+                                      config.sampling.num_inference_steps)
                 else:
                     x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
                 x_t, t = x_t.to(device, dtype), t.to(device)

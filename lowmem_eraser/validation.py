@@ -25,7 +25,9 @@ import torch
 
 from .adapter import erasers_disabled, get_erasers
 from .errors import LowmemEraserError
+from .families import runtime_of_folder
 from .infer import FPS, export
+from .loading import from_pretrained_or_error
 from .sampling import _generate, make_pipeline
 from .text import encode_texts
 
@@ -83,7 +85,8 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
     videos = _decode(base + erased, model_dir, embeddings.dtype, device, toy)
     folder = Path(out_dir) / "validation" / f"step-{step:06d}"
     for i in range(len(base)):
-        path = export(side_by_side(videos[i], videos[len(base) + i]), folder / f"{i:02d}.gif", fps=FPS)
+        path = export(side_by_side(videos[i], videos[len(base) + i]), folder / f"{i:02d}.gif",
+                      fps=FPS if toy else runtime_of_folder(model_dir).fps)
         if tracker is not None:
             tracker.log_media(f"validation/{i:02d}", path, step)
 
@@ -96,7 +99,7 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
 
 
 def _sample(pipe, embeddings, empty, validation_cfg, video_cfg, device) -> list[torch.Tensor]:
-    """One latent video [F, C, H, W] (CPU) per prompt; prompt i draws its noise from seed + i. One prompt per
+    """One latent video (CPU; CogVideoX [F, C, H, W], Wan [C, F, H, W]) per prompt; prompt i draws its noise from seed + i. One prompt per
     call: a batch would multiply the activation memory of a real model's pass by the number of prompts."""
     latents = []
     for i in range(embeddings.shape[0]):
@@ -112,15 +115,18 @@ def _decode(latents: list[torch.Tensor], model_dir, dtype, device, toy: bool) ->
         from .toy.world import render
 
         return [render(latent.float()) for latent in latents]
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
+    import diffusers
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype).to(device)
+    runtime = runtime_of_folder(model_dir)
+    vae = from_pretrained_or_error(getattr(diffusers, runtime.vae_class), Path(model_dir) / "vae",
+                                   torch_dtype=dtype).to(device)
     vae.enable_tiling()  # the transformer still holds its memory: decode in tiles, one video at a time
     vae.enable_slicing()
-    decoder = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=None, scheduler=None)
+    decoder = getattr(diffusers, runtime.pipeline_class)(tokenizer=None, text_encoder=None, vae=vae, transformer=None,
+                                                         scheduler=None)
     videos = []
     for latent in latents:  # the pipeline's own decode and post-processing, as `infer` gets them
-        frames = decoder.decode_latents(latent[None].to(device, dtype))
+        frames = runtime.decode(decoder, latent[None].to(device, dtype))
         frames = decoder.video_processor.postprocess_video(frames, output_type="np")[0]
         videos.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
     del decoder, vae

@@ -348,8 +348,8 @@ def test_streaming_more_blocks_than_the_model_has_is_refused(config_file):
 
 
 @pytest.mark.parametrize("class_name, message", [
-    ("WanTransformer3DModel", "model: .* holds a Wan transformer; training and generation are implemented for "
-                              "CogVideoX so far"),
+    ("HunyuanVideoTransformer3DModel", "model: .* holds a HunyuanVideo transformer; training and generation are "
+                                       "implemented for CogVideoX, Wan so far"),
     ("UNet2DConditionModel", "config.json: UNet2DConditionModel is not a supported transformer; supported "
                              "families: CogVideoX"),
 ])

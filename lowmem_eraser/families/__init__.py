@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LowmemEraserError
+from .runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ class Family:
     splits_output: bool  # the attention returns (video, text); the adapter adds to the video part
     stacks: tuple[str, ...] = ()  # the repeated block lists, in execution order: what is quantised and streamed
     dim_linear: str = "to_q"  # the attention's linear whose in_features is the adapter width
-    trainable: bool = False  # `lowmem-eraser train` / `infer` run it (else: attach, save, load, inspect only)
     # Pipelines with several transformers ("experts", Wan2.2 A14B: `transformer` for high noise, `transformer_2`
     # for low noise): each gets its own erasers in the same file, the first expert's under the plain keys (so a
     # one-transformer model's file is the same), every other's under "<expert>." + key.
@@ -45,7 +45,14 @@ class Family:
     # video tokens, the concept tokens among the keys), "cross" (the eraser's attention: video queries, text
     # keys only), "" (not implemented yet for this family).
     concept_attention: str = ""
+    # How to encode prompts, call the transformer, re-noise and sample (families/runtime.py); None: erasers of
+    # this family can be attached, saved, loaded and inspected, but `train` / `infer` do not run it yet.
+    runtime: "Runtime | None" = field(default=None, compare=False)
     notes: str = field(default="", compare=False)  # where the adapter sits and why (README, errors)
+
+    @property
+    def trainable(self) -> bool:
+        return self.runtime is not None
 
     @property
     def key_pattern(self) -> re.Pattern:
@@ -166,6 +173,19 @@ def require_trainable(model: str | os.PathLike, field: str) -> None:
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformer of any registered family, in execution order."""
     return family_of(transformer).stack_blocks(transformer)
+
+
+def block_count(transformer_config: dict) -> int:
+    """How many repeated blocks a transformer config describes (HunyuanVideo: dual- plus single-stream)."""
+    return int(transformer_config.get("num_layers", 0)) + int(transformer_config.get("num_single_layers", 0))
+
+
+def runtime_of_folder(model: str | os.PathLike, field: str = "model") -> Runtime:
+    """The runtime of a local model folder's family (CogVideoX when transformer/config.json cannot be read: the
+    loaders then name the missing file), after `require_trainable`'s check."""
+    require_trainable(model, field)
+    family = family_of_folder(model)
+    return (family or FAMILIES["CogVideoX"]).runtime
 
 
 def family_of_key(key: str) -> Family | None:

@@ -4,7 +4,47 @@ Text and video share one joint attention, `CogVideoXBlock.attn1`, which returns 
 added to the video output before the block's AdaLN gate and residual, in every block (SPEC §1).
 """
 
+from __future__ import annotations
+
+import torch
+
 from . import Family, register
+from .runtime import Runtime
+
+
+class CogVideoXRuntime(Runtime):
+    pipeline_class = "CogVideoXPipeline"
+    transformer_class = "CogVideoXTransformer3DModel"
+    text_encoder_class = "T5EncoderModel"
+    vae_class = "AutoencoderKLCogVideoX"
+    text_length = 226
+    fps = 8
+
+    def max_text_length(self, transformer_config: dict) -> int:
+        return transformer_config.get("max_text_seq_length", self.text_length)
+
+    def video_size(self, transformer_config: dict, vae_scale: int) -> tuple[int, int, int]:
+        return (transformer_config.get("sample_frames", 49), transformer_config.get("sample_height", 60) * vae_scale,
+                transformer_config.get("sample_width", 90) * vae_scale)
+
+    def velocity(self, transformer, x_t, t, text, rotary):
+        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary,
+                           return_dict=False)[0]
+
+    def rotary(self, pipe, video, device):
+        """The 3-D rotary embeddings CogVideoX-5b's pipeline builds outside the transformer (None on 2b)."""
+        if not pipe.transformer.config.use_rotary_positional_embeddings:
+            return None
+        frames = (video.frames - 1) // 4 + 1
+        return pipe._prepare_rotary_positional_embeddings(video.height, video.width, frames, device)
+
+    def renoise(self, scheduler, x0: torch.Tensor, generator: torch.Generator, num_inference_steps: int):
+        """DDIM v-prediction: t uniform over all training timesteps, the scheduler's `add_noise` (the paper's
+        E over x, ε, t)."""
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return scheduler.add_noise(x0, noise, t), t
+
 
 FAMILY = register(Family(
     name="CogVideoX",
@@ -13,7 +53,7 @@ FAMILY = register(Family(
     attention="attn1",
     key="transformer_blocks.{}.attn1.adapter",
     splits_output=True,
-    trainable=True,
     concept_attention="joint",
+    runtime=CogVideoXRuntime(),
     notes="joint text+video attention attn1 of every block, video output (published)",
 ))
