@@ -110,9 +110,12 @@ TINY_WAN_TEXT_LENGTH = 12  # the tests' max_sequence_length; the real pipeline p
 
 
 def build_tiny_wan(folder: str | Path, texts: list[str], seed: int = 0, with_vae: bool = False,
-                   **transformer_overrides) -> Path:
+                   text_gain: float = 1.0, **transformer_overrides) -> Path:
     """Write a tiny Wan2.1 folder (transformer/, text_encoder/ UMT5, tokenizer/, scheduler/ flow matching with
-    Wan's shift, and vae/ AutoencoderKLWan if asked) whose vocabulary covers the words of `texts`."""
+    Wan's shift, and vae/ AutoencoderKLWan if asked) whose vocabulary covers the words of `texts`.
+
+    `text_gain` multiplies the cross-attentions' output projections: at random init the text moves Wan's
+    prediction by ~0.2 % (a trained model's prompt decides the video), too little for a test to see erasure."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -125,7 +128,11 @@ def build_tiny_wan(folder: str | Path, texts: list[str], seed: int = 0, with_vae
         pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu"))
     tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder.save_pretrained(folder / "text_encoder")
-    WanTransformer3DModel(**config).save_pretrained(folder / "transformer")
+    transformer = WanTransformer3DModel(**config)
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn2.to_out[0].weight.mul_(text_gain)
+    transformer.save_pretrained(folder / "transformer")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")  # Wan2.1 480p's flow shift
     if with_vae:  # 8x spatial, 4x temporal like the real VAE
         z_dim = config["in_channels"]
