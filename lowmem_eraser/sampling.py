@@ -26,13 +26,25 @@ def runtime_of(transformer):
     return family.runtime
 
 
-def make_pipeline(transformer, scheduler):
+def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None):
     """The family's pipeline around our transformer for sampling from precomputed embeddings (no text encoder,
-    no VAE): CogVideoXPipeline, WanPipeline."""
+    no VAE): CogVideoXPipeline, WanPipeline. Without a VAE a pipeline assumes 8x spatial compression; with
+    `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x)."""
+    import json
+
     import diffusers
 
     pipeline = getattr(diffusers, runtime_of(transformer).pipeline_class)
-    return pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    try:
+        vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text()) if model_dir is not None else {}
+    except (OSError, ValueError):
+        vae = {}  # no VAE (the toy world) or an unreadable one (infer/validation name it when they load it)
+    for attribute, key in (("vae_scale_factor_spatial", "scale_factor_spatial"),
+                           ("vae_scale_factor_temporal", "scale_factor_temporal")):
+        if isinstance(vae.get(key), int) and hasattr(pipe, attribute):
+            setattr(pipe, attribute, vae[key])
+    return pipe
 
 
 def latent_frames(frames: int) -> int:

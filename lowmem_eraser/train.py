@@ -281,7 +281,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
         activations = offload_activations(config.memory.offload_activations and device.type == "cuda", device,
                                           model=transformer)
         scheduler = load_scheduler(config.model)
-        pipe = make_pipeline(transformer, scheduler)
+        pipe = make_pipeline(transformer, scheduler, config.model)
         pipe.set_progress_bar_config(disable=True)
         rotary = rotary_embeddings(pipe, video, device)
         frames = latent_frames(video.frames)

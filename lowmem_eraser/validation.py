@@ -68,7 +68,7 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
     if erasers is None:
         raise LowmemEraserError("run_validation: the transformer carries no erasers (attach_erasers first)")
     # A scheduler copy: sampling sets timesteps and step counters; the trainer's stays as the trainer left it
-    pipe = make_pipeline(transformer, type(scheduler).from_config(scheduler.config))
+    pipe = make_pipeline(transformer, type(scheduler).from_config(scheduler.config), model_dir)
     pipe.set_progress_bar_config(disable=True)
     was_training = transformer.training
     transformer.eval()

@@ -194,3 +194,27 @@ def test_infer_generates_a_wan_video_and_strength_zero_is_the_base_model(wan_mod
         halves[strength] = video[:, :, :64], video[:, :, -64:]
     assert np.array_equal(*halves[0.0])  # strength 0: the erased half is the base half exactly
     assert not np.array_equal(*halves[1.0])
+
+
+def test_sampling_latents_follow_the_vaes_compression_without_loading_it(wan_model, tmp_path):
+    """Wan2.2's VAE compresses 16x: the pipeline built without a VAE must read that from vae/config.json."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from lowmem_eraser.config import SamplingConfig, VideoConfig
+    from lowmem_eraser.sampling import _generate, make_pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(wan_model / "model", folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "scale_factor_spatial": 16}))
+    transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+    sampling = SamplingConfig(num_inference_steps=1, guidance_scale=1.0)
+    text = torch.zeros(1, 8, 24)
+    for model, size in ((None, 8), (wan_model / "model", 8), (folder, 4)):
+        pipe = make_pipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=3.0), model)
+        pipe.set_progress_bar_config(disable=True)
+        latents = _generate(pipe, text, text, VideoConfig(frames=9, height=64, width=64), sampling,
+                            torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert latents.shape == (1, 4, 3, size, size)  # [B, C, F, H/s, W/s]
