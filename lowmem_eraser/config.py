@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import yaml
 
 from .errors import ConfigError, LowmemEraserError
-from .families import block_count, require_trainable, transformer_config_json
+from .families import block_count, family_of_folder, require_trainable, transformer_config_json
 from .localization import concept_spans
 
 MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
@@ -285,16 +285,19 @@ def validate(config: TrainConfig) -> None:
     """The checks that read files, and cross-field ones; warns when the concept is in no target prompt."""
     if not config.model.is_dir():
         raise ConfigError(f"model: {config.model} is not a folder")
-    for sub in MODEL_SUBFOLDERS:
+    try:
+        require_trainable(config.model, "model")
+        family = family_of_folder(config.model)
+    except LowmemEraserError as exc:
+        raise ConfigError(str(exc)) from None
+    # HunyuanVideo also needs tokenizer_2/ and text_encoder_2/ (CLIP)
+    subfolders = ("transformer", *family.runtime.text_modules, "scheduler") if family else MODEL_SUBFOLDERS
+    for sub in subfolders:
         if not (config.model / sub).is_dir():
             raise ConfigError(
                 f"model: {config.model} has no {sub}/ sub-folder (a diffusers model folder needs "
-                f"{', '.join(s + '/' for s in MODEL_SUBFOLDERS)})"
+                f"{', '.join(s + '/' for s in subfolders)})"
             )
-    try:
-        require_trainable(config.model, "model")
-    except LowmemEraserError as exc:
-        raise ConfigError(str(exc)) from None
     dim = _attention_dim(config.model)
     if dim is not None and config.eraser.rank > dim:  # down: dim -> rank; a wider rank adds only dead weights
         raise ConfigError(

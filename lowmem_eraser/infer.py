@@ -37,20 +37,19 @@ class Generation:
 
 
 def load_pipeline(model: str | Path, offload: str = "none"):
-    """The family's pipeline (CogVideoXPipeline, WanPipeline) from a local folder's components, on CUDA in bf16
+    """The family's pipeline (CogVideoXPipeline, WanPipeline, HunyuanVideoPipeline) from a local folder's components, on CUDA in bf16
     if there is one, else CPU fp32."""
     import diffusers
-    import transformers
-    from transformers import AutoTokenizer
 
     from .train import load_scheduler
 
     model = Path(model)
     runtime = runtime_of_folder(model, "--model")
-    for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
+    subs = ("transformer", *runtime.text_modules, "scheduler")
+    for sub in subs:
         if not (model / sub).is_dir():
             raise LowmemEraserError(f"--model: {model} has no {sub}/ folder (expected a diffusers model folder with "
-                                    "transformer/, text_encoder/, tokenizer/, scheduler/)")
+                                    f"{', '.join(s + '/' for s in subs)})")
     if runtime.pipeline_class != "CogVideoXPipeline" and not (model / "vae").is_dir():
         raise LowmemEraserError(f"--model: {model} has no vae/ folder (only the toy CogVideoX world renders "
                                 "latents without a VAE)")
@@ -63,10 +62,8 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     with model_files(model / "scheduler", "scheduler"):  # a broken file is named, not a library traceback
         scheduler = load_scheduler(model)
     vae_class = getattr(diffusers, runtime.vae_class)
-    pipe = getattr(diffusers, runtime.pipeline_class)(
-        tokenizer=from_pretrained_or_error(AutoTokenizer, model / "tokenizer"),
-        text_encoder=from_pretrained_or_error(getattr(transformers, runtime.text_encoder_class), model / "text_encoder",
-                                              torch_dtype=dtype),
+    pipe = runtime.pipeline(
+        **runtime.load_text_modules(model, dtype),
         vae=from_pretrained_or_error(vae_class, model / "vae", torch_dtype=dtype) if (model / "vae").is_dir() else None,
         transformer=from_pretrained_or_error(getattr(diffusers, runtime.transformer_class), model / "transformer",
                                              torch_dtype=dtype),

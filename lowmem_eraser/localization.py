@@ -28,13 +28,15 @@ def concept_spans(text: str, concept: str) -> list[tuple[int, int]]:
     return [match.span() for match in re.finditer(pattern, text, re.IGNORECASE)]
 
 
-def concept_token_mask(tokenizer, prompts: list[str], concept: str, max_length: int) -> torch.Tensor:
+def concept_token_mask(tokenizer, prompts: list[str], concept: str, max_length: int,
+                       search_from: int = 0) -> torch.Tensor:
     """Bool [batch, max_length]: the token positions of each prompt that spell `concept`.
 
     Prompts are tokenised exactly as CogVideoXPipeline does (special tokens, padding to `max_length`,
     truncation), so positions line up with the text embeddings. A fast tokenizer maps tokens to characters
     (exact, case-insensitive); a slow one falls back to finding the concept's own token ids in the prompt
     ids, for a few casings of it. A prompt without the concept gets an all-False row: the caller warns.
+    `search_from`: matches starting before this character are ignored (a prompt template's own words).
     """
     if not concept.strip():
         raise LowmemEraserError("concept: expected one or more words, got an empty string")
@@ -48,7 +50,7 @@ def concept_token_mask(tokenizer, prompts: list[str], concept: str, max_length: 
         return_offsets_mapping=fast,
     )
     if fast:
-        rows = [_tokens_in_spans(offsets, concept_spans(prompt, concept))
+        rows = [_tokens_in_spans(offsets, [span for span in concept_spans(prompt, concept) if span[0] >= search_from])
                 for prompt, offsets in zip(prompts, encoding["offset_mapping"])]
     else:
         patterns = _concept_id_patterns(tokenizer, concept)
@@ -166,9 +168,69 @@ def cross_concept_attention(
     return torch.cat(per_chunk, dim=1)
 
 
+@torch.no_grad()
+def dual_stream_concept_attention(
+    attn: nn.Module,
+    video: torch.Tensor,
+    text: torch.Tensor,
+    concept_tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    image_rotary_emb=None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Softmax mass that each video query of a dual-stream joint attention (HunyuanVideo's
+    `transformer_blocks[i].attn`) puts on the concept text keys, mean over heads: fp32 [B, N_video].
+
+    Keys are [video, text] as `HunyuanVideoAttnProcessor2_0` orders them: video q/k from `to_q`/`to_k`, their
+    norms and the rotary embedding; text keys from `add_k_proj` and `norm_added_k`. `attention_mask` (the
+    transformer's [B, 1, 1, N] bool: padded text keys False) is applied as the model applies it. Logits are fp32
+    in [B, heads, chunk_size, chunk_size] tiles; each row's normaliser is a log-sum-exp over the key tiles.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if concept_tokens.shape != text.shape[:2]:
+        raise LowmemEraserError(
+            f"concept token mask has shape {tuple(concept_tokens.shape)}, but the text stream is "
+            f"{tuple(text.shape[:2])} (batch, text tokens)"
+        )
+    query = attn.to_q(video).unflatten(2, (attn.heads, -1))
+    key = attn.to_k(video).unflatten(2, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    text_key = attn.add_k_proj(text).unflatten(2, (attn.heads, -1))
+    if attn.norm_added_k is not None:
+        text_key = attn.norm_added_k(text_key)
+    query = query.transpose(1, 2)  # [B, heads, N_video, head_dim]
+    key = torch.cat([key, text_key], dim=1).transpose(1, 2).float()  # [B, heads, N_video + N_text, head_dim]
+    n_video, n_joint = video.shape[1], key.shape[2]
+    valid = (torch.ones(key.shape[0], n_joint, dtype=torch.bool, device=key.device) if attention_mask is None
+             else attention_mask.reshape(attention_mask.shape[0], -1)[:, -n_joint:].to(key.device).bool())
+    valid = valid[:, None, None, :]
+    concept_weight = concept_tokens.to(device=query.device, dtype=torch.float32)[:, None, None, :]
+    scale = query.shape[-1] ** -0.5
+    per_chunk = []
+    for q_start in range(0, n_video, chunk_size):
+        q = query[:, :, q_start : q_start + chunk_size].float() * scale
+        tile_lse = [
+            torch.logsumexp((q @ key[:, :, k : k + chunk_size].transpose(-1, -2)).masked_fill(
+                ~valid[..., k : k + chunk_size], float("-inf")), -1, keepdim=True)
+            for k in range(0, n_joint, chunk_size)
+        ]
+        row_lse = torch.logsumexp(torch.cat(tile_lse, dim=-1), dim=-1, keepdim=True)
+        logits = (q @ key[:, :, n_video:].transpose(-1, -2)).masked_fill(~valid[..., n_video:], float("-inf"))
+        per_chunk.append((torch.exp(logits - row_lse) * concept_weight).sum(-1).mean(1))
+    return torch.cat(per_chunk, dim=1)
+
+
 class ConceptMaskCapture:
     """Collect the concept mask during one forward of a transformer whose family reads it (families/:
-    CogVideoX from the joint attention `attn1`, Wan from the cross-attention `attn2`).
+    CogVideoX from the joint attention `attn1`, Wan from the cross-attention `attn2`, HunyuanVideo from the
+    dual-stream blocks' joint attention `attn`).
 
     `with ConceptMaskCapture(transformer, tokens, num_frames) as capture: transformer(...)`, then
     `capture.mask(threshold)`. A forward hook on every block's attention recomputes q and k from the
@@ -185,9 +247,9 @@ class ConceptMaskCapture:
         if chunk_size <= 0:
             raise LowmemEraserError(f"chunk_size must be positive, got {chunk_size}")
         self.family = family_of(transformer)
-        if self.family.concept_attention not in ("joint", "cross"):
+        if self.family.concept_attention not in ("joint", "cross", "dual"):
             raise LowmemEraserError(f"the concept mask is not implemented for {self.family.name} yet")
-        self.blocks = self.family.block_list(transformer)
+        self.blocks = self.family.concept_block_list(transformer)
         patch = getattr(transformer.config, "patch_size", None)
         patch_size_t = patch[0] if isinstance(patch, (tuple, list)) else getattr(transformer.config, "patch_size_t",
                                                                                   None)
@@ -200,7 +262,7 @@ class ConceptMaskCapture:
 
     def __enter__(self) -> ConceptMaskCapture:
         self._sum, self._blocks_seen = None, 0
-        self._handles = [getattr(block, self.family.attention).register_forward_hook(self._hook, with_kwargs=True)
+        self._handles = [getattr(block, self.family.concept_module).register_forward_hook(self._hook, with_kwargs=True)
                          for block in self.blocks]
         return self
 
@@ -215,6 +277,14 @@ class ConceptMaskCapture:
             text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
             attention = cross_concept_attention(attn, video, text, self.concept_tokens.to(video.device),
                                                 self.chunk_size)
+            self._sum = attention if self._sum is None else self._sum + attention
+            self._blocks_seen += 1
+            return
+        if self.family.concept_attention == "dual":  # HunyuanVideoTransformerBlock calls attn by keyword only
+            video = kwargs["hidden_states"]
+            attention = dual_stream_concept_attention(
+                attn, video, kwargs["encoder_hidden_states"], self.concept_tokens.to(video.device),
+                kwargs.get("attention_mask"), kwargs.get("image_rotary_emb"), self.chunk_size)
             self._sum = attention if self._sum is None else self._sum + attention
             self._blocks_seen += 1
             return

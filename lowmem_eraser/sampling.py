@@ -28,14 +28,11 @@ def runtime_of(transformer):
 
 def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None):
     """The family's pipeline around our transformer for sampling from precomputed embeddings (no text encoder,
-    no VAE): CogVideoXPipeline, WanPipeline. Without a VAE a pipeline assumes 8x spatial compression; with
-    `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x)."""
+    no VAE): CogVideoXPipeline, WanPipeline, HunyuanVideoPipeline. Without a VAE a pipeline assumes 8x spatial
+    compression; with `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x)."""
     import json
 
-    import diffusers
-
-    pipeline = getattr(diffusers, runtime_of(transformer).pipeline_class)
-    pipe = pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = runtime_of(transformer).pipeline(transformer=transformer, scheduler=scheduler)
     try:
         vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text()) if model_dir is not None else {}
     except (OSError, ValueError):
@@ -51,9 +48,15 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // 4 + 1  # every supported family's VAE compresses time by 4
 
 
+def step_extras(pipe, video, guidance_scale: float, device):
+    """What the family's transformer needs besides (x_t, t, text), computed once per run the way its pipeline
+    computes it: CogVideoX-5b's rotary embeddings, HunyuanVideo's distilled guidance; else None."""
+    return runtime_of(pipe.transformer).step_extras(pipe, video, guidance_scale, device)
+
+
 def rotary_embeddings(pipe, video, device):
-    """Position embeddings the family's pipeline builds outside the transformer (CogVideoX-5b), else None."""
-    return runtime_of(pipe.transformer).rotary(pipe, video, device)
+    """`step_extras` at the default guidance scale: the planner's and benchmarks' name for it (CogVideoX)."""
+    return step_extras(pipe, video, 6.0, device)
 
 
 def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, stop_after=None):
@@ -65,8 +68,7 @@ def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, st
         return {}
 
     return pipe(
-        prompt_embeds=prompt_embeds.to(device),
-        negative_prompt_embeds=empty.expand_as(prompt_embeds).to(device),
+        **runtime_of(pipe.transformer).pipeline_text(prompt_embeds, empty, device),
         num_frames=video.frames,
         height=video.height,
         width=video.width,

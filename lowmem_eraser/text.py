@@ -12,14 +12,12 @@ import gc
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .families import runtime_of_folder
-from .loading import from_pretrained_or_error
-from .localization import concept_token_mask
 from .serialization import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -27,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptEmbeddings:
+    """Text conditions: tensors [n, L, D], or the family's condition object (families/runtime.py)."""
+
     target: torch.Tensor  # [n, L, D] c: prompts that show the concept
     preserve: torch.Tensor  # [n, L, D] c_pre: their preservation twins
     empty: torch.Tensor  # [1, L, D] the unconditional prompt ""
@@ -55,24 +55,21 @@ def _fingerprint_hash(model_dir: Path, max_length: int, dtype: torch.dtype, **co
 
 
 def _encode(model_dir: Path, prompts: list[str], concept: str, targets: int, max_length: int, dtype, device, batch_size):
-    """Embeddings of `prompts` through the family's own pipeline `encode_prompt` (CogVideoX: T5; Wan: UMT5, zero
-    after each prompt's end), and the concept tokens of the first `targets`."""
-    import diffusers
-    import transformers
-    from transformers import AutoTokenizer
-
+    """Text conditions of `prompts` through the family's own pipeline `encode_prompt` (CogVideoX: T5; Wan: UMT5,
+    zero after each prompt's end; HunyuanVideo: LLaMA after its prompt template + CLIP), and the concept tokens
+    of the first `targets`."""
     runtime = runtime_of_folder(model_dir)
-    tokenizer = from_pretrained_or_error(AutoTokenizer, model_dir / "tokenizer")
-    encoder_class = getattr(transformers, runtime.text_encoder_class)
-    text_encoder = from_pretrained_or_error(encoder_class, model_dir / "text_encoder", torch_dtype=dtype)
-    text_encoder = text_encoder.to(device).eval()
-    pipe = getattr(diffusers, runtime.pipeline_class)(tokenizer=tokenizer, text_encoder=text_encoder, vae=None,
-                                                      transformer=None, scheduler=None)
+    modules = runtime.load_text_modules(model_dir, dtype)
+    for name, module in modules.items():
+        if name.startswith("text_encoder"):
+            modules[name] = module.to(device).eval()
+    pipe = runtime.pipeline(**modules)
     with torch.no_grad():
         chunks = [runtime.encode(pipe, prompts[i : i + batch_size], max_length, device, dtype).cpu()
                   for i in range(0, len(prompts), batch_size)]
-    concept_tokens = concept_token_mask(tokenizer, prompts[:targets], concept, max_length) if targets else None
-    return torch.cat(chunks), concept_tokens
+    concept_tokens = (runtime.concept_tokens(modules["tokenizer"], prompts[:targets], concept, max_length)
+                      if targets else None)
+    return runtime.concat(chunks), concept_tokens
 
 
 def encoder_device(placement: str, device: torch.device, model_dir: Path, prompts: int, max_length: int,
@@ -123,8 +120,11 @@ def encode_prompts(
     on the device `placement` chooses (see `encoder_device`)."""
     model_dir = Path(model_dir)
     cache = Path(cache_dir) / f"text-{cache_key(model_dir, pairs, concept, max_length, dtype)}.pt"
+    runtime = runtime_of_folder(model_dir)
     if cache.is_file():
-        return PromptEmbeddings(**torch.load(cache, weights_only=True))
+        stored = torch.load(cache, weights_only=True)
+        return PromptEmbeddings(**{name: runtime.restored(value) if name != "concept_tokens" else value
+                                   for name, value in stored.items()})
     targets = [target for target, _ in pairs]
     prompts = targets + [preserve for _, preserve in pairs] + [""]
     embeddings, concept_tokens = _encode_once(model_dir, prompts, concept, len(targets), max_length, dtype, device,
@@ -132,7 +132,9 @@ def encode_prompts(
     n = len(pairs)
     result = PromptEmbeddings(embeddings[:n], embeddings[n : 2 * n], embeddings[2 * n :], concept_tokens)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: torch.save(asdict(result), tmp))
+    stored = {name: runtime.stored(getattr(result, name)) if name != "concept_tokens" else result.concept_tokens
+              for name in ("target", "preserve", "empty", "concept_tokens")}
+    atomic_write(cache, lambda tmp: torch.save(stored, tmp))
     return result
 
 
@@ -150,9 +152,10 @@ def encode_texts(
     exactly like `encode_prompts`' (same encoder pass, same cache folder, its own key)."""
     model_dir = Path(model_dir)
     cache = Path(cache_dir) / f"texts-{_fingerprint_hash(model_dir, max_length, dtype, prompts=list(prompts))}.pt"
+    runtime = runtime_of_folder(model_dir)
     if cache.is_file():
-        return torch.load(cache, weights_only=True)
+        return runtime.restored(torch.load(cache, weights_only=True))
     embeddings, _ = _encode_once(model_dir, list(prompts), "", 0, max_length, dtype, device, batch_size, placement)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: torch.save(embeddings, tmp))
+    atomic_write(cache, lambda tmp: torch.save(runtime.stored(embeddings), tmp))
     return embeddings

@@ -140,3 +140,79 @@ def build_tiny_wan(folder: str | Path, texts: list[str], seed: int = 0, with_vae
                          temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
                          latents_std=[1.0] * z_dim).save_pretrained(folder / "vae")
     return folder
+
+
+TINY_HUNYUAN = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=1,
+    num_single_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=True,  # the published model is guidance-distilled
+    text_embed_dim=24,
+    pooled_projection_dim=8,
+    rope_axes_dim=(4, 6, 6),
+)
+LLAMA_SPECIALS = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<unk>"]
+
+
+def _llama_like_tokenizer(words: list[str]):
+    """Word-level, <|begin_of_text|> first like LLaMA 3's, pads with <|end_of_text|> (id 0); the template's
+    header tokens are single special tokens, as in LLaMA 3."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(LLAMA_SPECIALS + sorted(set(words) - set(LLAMA_SPECIALS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA_SPECIALS])
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", unk_token="<unk>",
+                                   model_max_length=1024)
+
+
+def build_tiny_hunyuan(folder: str | Path, texts: list[str], seed: int = 0, with_vae: bool = False,
+                       **transformer_overrides) -> Path:
+    """Write a tiny HunyuanVideo folder: transformer/, text_encoder/ (LlamaModel) + tokenizer/ (LLaMA-3-like,
+    covering the words of the pipeline's prompt template and of `texts`), text_encoder_2/ (CLIPTextModel) +
+    tokenizer_2/, scheduler/ (flow matching, HunyuanVideo's shift 7), vae/ (AutoencoderKLHunyuanVideo) if asked."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    config = {**TINY_HUNYUAN, **transformer_overrides}
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    for special in LLAMA_SPECIALS:
+        template = template.replace(special, " ")
+    tokenizer = _llama_like_tokenizer(words_of([template, *texts]))
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config["text_embed_dim"], intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=0))
+    tokenizer_2 = word_level_tokenizer(words_of(texts), 77)
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=config["pooled_projection_dim"], intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, bos_token_id=2,
+        eos_token_id=1))  # pooled = the hidden state at </s> (id 1)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    tokenizer_2.save_pretrained(folder / "tokenizer_2")
+    text_encoder_2.save_pretrained(folder / "text_encoder_2")
+    HunyuanVideoTransformer3DModel(**config).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(folder / "scheduler")
+    if with_vae:  # 8x spatial, 4x temporal like the real VAE
+        AutoencoderKLHunyuanVideo(
+            latent_channels=config["in_channels"], down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=2).save_pretrained(folder / "vae")
+    return folder

@@ -38,7 +38,7 @@ from .lowram_load import load_transformer_blockwise
 from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
-from .sampling import (generate_clean_latents, latent_frames, make_pipeline, renoise, rotary_embeddings, runtime_of,
+from .sampling import (generate_clean_latents, latent_frames, make_pipeline, renoise, runtime_of, step_extras,
                        trajectory)
 from .serialization import atomic_write, save_erasers
 from .plots import plot_losses
@@ -110,14 +110,16 @@ def lr_factor(train: TrainLoopConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def velocity(transformer, x_t, t, text, rotary):
+def velocity(transformer, x_t, t, text, extras):
     """The transformer's prediction in its own space (CogVideoX: v; flow-matching families: the flow velocity)
-    for latents x_t (CogVideoX [B, F, C, H, W], Wan [B, C, F, H, W]) at timesteps t, text embeddings [B, L, D];
-    called the way the family's pipeline calls it (families/runtime.py)."""
-    return runtime_of(transformer).velocity(transformer, x_t, t, text, rotary)
+    for latents x_t (CogVideoX [B, F, C, H, W], Wan and HunyuanVideo [B, C, F, H, W]) at timesteps t, text
+    condition `text` (embeddings [B, L, D]; HunyuanVideo: with mask and pooled vector), called the way the
+    family's pipeline calls it; `extras`: sampling.step_extras (CogVideoX-5b rotary embeddings, HunyuanVideo
+    guidance, else None)."""
+    return runtime_of(transformer).velocity(transformer, x_t, t, text, extras)
 
 
-def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, rotary, frames, loss_cfg,
+def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
                            activations=None):
     """One T2VUnlearning step's passes: computes the losses and accumulates their gradients in the adapters.
 
@@ -132,35 +134,35 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
     with torch.no_grad(), erasers_disabled(transformer):
         if loss_cfg.alpha > 0:
             with ConceptMaskCapture(transformer, concept_tokens, frames) as capture:
-                v_c = velocity(transformer, x_t, t, c, rotary)
+                v_c = velocity(transformer, x_t, t, c, extras)
             mask = capture.mask(loss_cfg.mask_threshold)
         else:
-            v_c = velocity(transformer, x_t, t, c, rotary)
-        v_anchor = velocity(transformer, x_t, t, c_pre if anchored else empty, rotary)
+            v_c = velocity(transformer, x_t, t, c, extras)
+        v_anchor = velocity(transformer, x_t, t, c_pre if anchored else empty, extras)
         v_anchor = v_anchor.float()  # fp32 before the difference: eta amplifies its rounding error
         v_neg = v_anchor - loss_cfg.eta * (v_c.float() - v_anchor)
         del v_c
         v_pre = None
         if loss_cfg.beta > 0:
-            v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, rotary)).float()
+            v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, extras)).float()
         del v_anchor
 
     # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
     loc = torch.zeros((), device=x_t.device)
     if loss_cfg.alpha > 0:
         with erasers.collecting_localization(mask) as terms, saving:
-            v_erased = velocity(transformer, x_t, t, c, rotary)
+            v_erased = velocity(transformer, x_t, t, c, extras)
         loc = torch.stack(terms).mean()
     else:
         with saving:
-            v_erased = velocity(transformer, x_t, t, c, rotary)
+            v_erased = velocity(transformer, x_t, t, c, extras)
     unlearn = F.mse_loss(v_erased.float(), v_neg)
     (unlearn + loss_cfg.alpha * loc).backward()
     del v_erased, v_neg
     pre = torch.zeros((), device=x_t.device)
     if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
         with saving:
-            v_erased_pre = velocity(transformer, x_t, t, c_pre, rotary)
+            v_erased_pre = velocity(transformer, x_t, t, c_pre, extras)
         pre = F.mse_loss(v_erased_pre.float(), v_pre)
         (loss_cfg.beta * pre).backward()
     unlearn, loc, pre = unlearn.detach(), loc.detach(), pre.detach()
@@ -283,7 +285,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
         scheduler = load_scheduler(config.model)
         pipe = make_pipeline(transformer, scheduler, config.model)
         pipe.set_progress_bar_config(disable=True)
-        rotary = rotary_embeddings(pipe, video, device)
+        extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
         frames = latent_frames(video.frames)
 
         # 3. x0 for `renoise`: one sample per target prompt from the frozen model, each cached as soon as it exists.
@@ -340,7 +342,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
 
                 with meter.step():
                     losses = eraser_losses_backward(
-                        transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], rotary, frames,
+                        transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames,
                         loss_cfg, activations=activations,
                     )
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]

@@ -122,8 +122,7 @@ def _decode(latents: list[torch.Tensor], model_dir, dtype, device, toy: bool) ->
                                    torch_dtype=dtype).to(device)
     vae.enable_tiling()  # the transformer still holds its memory: decode in tiles, one video at a time
     vae.enable_slicing()
-    decoder = getattr(diffusers, runtime.pipeline_class)(tokenizer=None, text_encoder=None, vae=vae, transformer=None,
-                                                         scheduler=None)
+    decoder = runtime.pipeline(vae=vae)
     videos = []
     for latent in latents:  # the pipeline's own decode and post-processing, as `infer` gets them
         frames = runtime.decode(decoder, latent[None].to(device, dtype))

@@ -681,8 +681,74 @@ def test_the_concept_mask_capture_reads_wans_cross_attention_in_every_block():
     assert torch.equal(capture.mask(0.5), (capture.normalized() >= 0.5).float())
 
 
-def test_the_concept_mask_is_refused_where_a_family_has_none_yet():
+# -------------------------------------------- 9. the concept mask from HunyuanVideo's dual-stream attention
+
+
+def _naive_dual_stream_attention(attn, video, text, concept_tokens, text_valid, rotary) -> torch.Tensor:
+    """fp64, the whole joint softmax at once, written from HunyuanVideoAttnProcessor2_0 (keys: rotated video,
+    then text; padded text keys masked): the reference the chunked fp32 one must match."""
+    import copy
+
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn = copy.deepcopy(attn).double()
+    heads = attn.heads
+    q = attn.norm_q(attn.to_q(video.double()).unflatten(2, (heads, -1)))
+    k = attn.norm_k(attn.to_k(video.double()).unflatten(2, (heads, -1)))
+    if rotary is not None:
+        rotary = tuple(r.double() for r in rotary)
+        q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+    text_k = attn.norm_added_k(attn.add_k_proj(text.double()).unflatten(2, (heads, -1)))
+    q, k = q.transpose(1, 2), torch.cat([k, text_k], dim=1).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    valid = torch.cat([torch.ones(video.shape[:2], dtype=torch.bool), text_valid], dim=1)
+    probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    return (probs[..., video.shape[1]:] * concept_tokens.double()[:, None, None, :]).sum(-1).mean(1)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 55, 4096])  # uneven, exact (48 + 7 keys), one chunk
+def test_hunyuan_dual_stream_concept_mass_matches_an_fp64_reference(chunk_size):
+    from lowmem_eraser.localization import dual_stream_concept_attention
+
+    model = tiny_hunyuan()
+    attn = model.transformer_blocks[0].attn
+    gen = torch.Generator().manual_seed(5)
+    video, text = torch.randn(2, VIDEO_TOKENS, DIM, generator=gen), torch.randn(2, TEXT_TOKENS, DIM, generator=gen)
+    rotary = model.rope(torch.zeros(2, 4, 3, 8, 8))  # (cos, sin) of 3 x 4 x 4 patches, as the model builds it
+    concept = torch.zeros(2, TEXT_TOKENS, dtype=torch.bool)
+    concept[0, 1:3], concept[1, 4] = True, True
+    text_valid = torch.ones(2, TEXT_TOKENS, dtype=torch.bool)
+    text_valid[0, 5:] = False  # prompt 0 is padded after 5 tokens
+    joint_mask = torch.cat([torch.ones(2, VIDEO_TOKENS, dtype=torch.bool), text_valid], dim=1)[:, None, None, :]
+    got = dual_stream_concept_attention(attn, video, text, concept, joint_mask, rotary, chunk_size=chunk_size)
+    expected = _naive_dual_stream_attention(attn, video, text, concept, text_valid, rotary)
+    assert got.dtype == torch.float32 and got.shape == (2, VIDEO_TOKENS)
+    assert torch.allclose(got.double(), expected, atol=1e-6, rtol=0)
+    padded_concept = concept.clone()
+    padded_concept[0, 6] = True  # a padded key carries no attention
+    again = dual_stream_concept_attention(attn, video, text, padded_concept, joint_mask, rotary, chunk_size)
+    assert torch.equal(again, got)
+
+
+def test_the_concept_mask_capture_reads_hunyuans_dual_stream_blocks_not_the_eraser_blocks():
+    """The erasers sit in the single-stream blocks; the mask comes from every dual-stream block's joint attention
+    (its own inputs: normed video and text, the model's attention mask and rotary embedding)."""
     from lowmem_eraser.localization import ConceptMaskCapture
 
-    with pytest.raises(LowmemEraserError, match="concept mask is not implemented for HunyuanVideo"):
-        ConceptMaskCapture(tiny_hunyuan(), torch.zeros(1, TEXT_TOKENS, dtype=torch.bool), num_frames=3)
+    model = tiny_hunyuan()
+    latents, text, timestep, mask, pooled = inputs = video_inputs()
+    concept = torch.zeros(1, TEXT_TOKENS, dtype=torch.bool)
+    concept[0, 2] = True
+    seen = []
+    handles = [block.attn.register_forward_hook(lambda m, a, k, o: seen.append((m, k)), with_kwargs=True)
+               for block in model.transformer_blocks]
+    with torch.no_grad(), ConceptMaskCapture(model, concept, num_frames=3) as capture:
+        run_hunyuan(model, inputs)
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == len(model.transformer_blocks) == capture._blocks_seen
+    expected = sum(_naive_dual_stream_attention(m, k["hidden_states"], k["encoder_hidden_states"], concept, mask,
+                                                k["image_rotary_emb"]) for m, k in seen) / len(seen)
+    frames = expected.view(1, 3, -1)
+    low, high = frames.amin(-1, keepdim=True), frames.amax(-1, keepdim=True)
+    assert torch.allclose(capture.normalized().double(), ((frames - low) / (high - low)).view(1, -1), atol=1e-5)

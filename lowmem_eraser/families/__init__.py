@@ -45,6 +45,10 @@ class Family:
     # video tokens, the concept tokens among the keys), "cross" (the eraser's attention: video queries, text
     # keys only), "" (not implemented yet for this family).
     concept_attention: str = ""
+    # Which blocks' attention the concept mask reads (default: the eraser blocks and attention). HunyuanVideo's
+    # erasers sit in the single-stream blocks, its mask comes from the dual-stream ones.
+    concept_blocks: str = ""
+    concept_attention_module: str = ""
     # How to encode prompts, call the transformer, re-noise and sample (families/runtime.py); None: erasers of
     # this family can be attached, saved, loaded and inspected, but `train` / `infer` do not run it yet.
     runtime: "Runtime | None" = field(default=None, compare=False)
@@ -80,6 +84,20 @@ class Family:
             raise LowmemEraserError(
                 f"{type(transformer).__name__} is not a {self.name} transformer: expected `{self.blocks}` of blocks "
                 f"with an `{self.attention}` attention")
+        return list(blocks)
+
+    @property
+    def concept_module(self) -> str:
+        return self.concept_attention_module or self.attention
+
+    def concept_block_list(self, transformer: nn.Module) -> list[nn.Module]:
+        """The blocks whose `concept_module` attention the concept mask reads."""
+        if not self.concept_blocks:
+            return self.block_list(transformer)
+        blocks = getattr(transformer, self.concept_blocks, None)
+        if not blocks or not all(hasattr(block, self.concept_module) for block in blocks):
+            raise LowmemEraserError(f"{type(transformer).__name__} has no `{self.concept_blocks}` blocks with an "
+                                    f"`{self.concept_module}` attention for the {self.name} concept mask")
         return list(blocks)
 
     def sites(self, transformer: nn.Module, expert: str | None = None) -> list[tuple[str, nn.Module]]:

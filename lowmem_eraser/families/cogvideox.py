@@ -27,11 +27,11 @@ class CogVideoXRuntime(Runtime):
         return (transformer_config.get("sample_frames", 49), transformer_config.get("sample_height", 60) * vae_scale,
                 transformer_config.get("sample_width", 90) * vae_scale)
 
-    def velocity(self, transformer, x_t, t, text, rotary):
-        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, image_rotary_emb=rotary,
+    def velocity(self, transformer, x_t, t, text, extras):
+        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, image_rotary_emb=extras,
                            return_dict=False)[0]
 
-    def rotary(self, pipe, video, device):
+    def step_extras(self, pipe, video, guidance_scale, device):
         """The 3-D rotary embeddings CogVideoX-5b's pipeline builds outside the transformer (None on 2b)."""
         if not pipe.transformer.config.use_rotary_positional_embeddings:
             return None

@@ -1,12 +1,19 @@
 """What training, sampling and generation ask of a family: its classes, how its prompts are encoded, how its
 transformer is called, how latents are re-noised. One `Runtime` per trainable family (its family file); the
-defaults here are the shared behaviour, a family overrides what differs.
+defaults here are the shared behaviour (CogVideoX, Wan: one text encoder whose embeddings are the whole text
+condition), a family overrides what differs.
 
 Everything runs through the family's own diffusers pipeline (x0 generation, trajectory sampling, validation,
 `infer`): its `encode_prompt`, its denoising loop with the interrupt callback, its VAE decode.
+
+A text condition is what `encode` returns for a batch of prompts: a tensor [n, L, D] here, or a family's own
+object (HunyuanVideo: embeddings, mask and pooled CLIP vector) that supports what the trainer does with one:
+`cond[index]`, `.to(device)`, `.cpu()`, `.expand_as(other)`, `.shape` (batch first), `.dtype`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -19,6 +26,9 @@ class Runtime:
     text_length: int  # the pipeline's default max_sequence_length: every prompt is padded to it
     fps: int  # the published frame rate (`infer` output)
     default_video: tuple[int, int, int] | None = None  # (frames, height, width) `infer` uses; None: from config
+    # The pipeline's text components ("tokenizer", "text_encoder"[, "tokenizer_2", "text_encoder_2"]):
+    # sub-folders of a model folder, constructor arguments of the pipeline.
+    text_modules: tuple[str, ...] = ("tokenizer", "text_encoder")
 
     def max_text_length(self, transformer_config: dict) -> int:
         """Tokens every prompt is padded to (the embeddings' L, the concept mask's width)."""
@@ -28,31 +38,76 @@ class Runtime:
         """(frames, height, width) a generation without explicit sizes uses."""
         return self.default_video
 
-    def encode(self, pipe, prompts: list[str], max_length: int, device, dtype) -> torch.Tensor:
-        """Embeddings [n, L, D] of `prompts`, exactly as the family's pipeline encodes a prompt."""
+    def load_text_modules(self, model_dir: Path, dtype: torch.dtype) -> dict:
+        """The folder's tokenizer(s) and text encoder(s), keyed as the pipeline takes them."""
+        import transformers
+        from transformers import AutoTokenizer
+
+        from ..loading import from_pretrained_or_error
+
+        return {"tokenizer": from_pretrained_or_error(AutoTokenizer, model_dir / "tokenizer"),
+                "text_encoder": from_pretrained_or_error(getattr(transformers, self.text_encoder_class),
+                                                         model_dir / "text_encoder", torch_dtype=dtype)}
+
+    def pipeline(self, **modules):
+        """The family's pipeline; every module not given (text encoders, VAE, transformer, scheduler) is None."""
+        import diffusers
+
+        names = (*self.text_modules, "vae", "transformer", "scheduler")
+        return getattr(diffusers, self.pipeline_class)(**{name: modules.get(name) for name in names})
+
+    def encode(self, pipe, prompts: list[str], max_length: int, device, dtype):
+        """The text condition of `prompts`, exactly as the family's pipeline encodes a prompt."""
         return pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_length,
                                   device=device, dtype=dtype)[0]
 
-    def velocity(self, transformer, x_t, t, text, rotary):
-        """The transformer's prediction for latents x_t at timesteps t [B], text embeddings [B, L, D]."""
-        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+    def concat(self, conditions: list):
+        """One text condition from the conditions of consecutive prompt batches."""
+        return torch.cat(conditions)
 
-    def rotary(self, pipe, video, device):
-        """Position embeddings the pipeline computes outside the transformer, or None."""
+    def stored(self, condition):
+        """A text condition as plain tensors (what the cache file holds: loads with weights_only=True)."""
+        return condition
+
+    def restored(self, stored):
+        """The text condition `stored` wrote."""
+        return stored
+
+    def concept_tokens(self, tokenizer, prompts: list[str], concept: str, max_length: int) -> torch.Tensor:
+        """Bool [n, L]: the positions of each prompt's text condition that spell `concept`."""
+        from ..localization import concept_token_mask
+
+        return concept_token_mask(tokenizer, prompts, concept, max_length)
+
+    def pipeline_text(self, prompt, negative, device) -> dict:
+        """The pipeline's keyword arguments for a precomputed condition and its negative (classifier-free
+        guidance against the empty prompt)."""
+        return {"prompt_embeds": prompt.to(device), "negative_prompt_embeds": negative.expand_as(prompt).to(device)}
+
+    def step_extras(self, pipe, video, guidance_scale: float, device):
+        """What the transformer needs besides (x_t, t, text) that the pipeline computes once per video size
+        (CogVideoX-5b: rotary embeddings; HunyuanVideo: the distilled guidance), or None."""
         return None
+
+    def velocity(self, transformer, x_t, t, text, extras):
+        """The transformer's prediction for latents x_t at timesteps t [B], text condition `text`."""
+        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
 
     def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """Video [B, C, F, H, W] in [-1, 1] from the pipeline's latents, as its `__call__` decodes them."""
         return pipe.decode_latents(latents)
 
-    def renoise(self, scheduler, x0: torch.Tensor, generator: torch.Generator, num_inference_steps: int):
-        """(x_t, t): x0 noised by the scheduler's own forward process at a timestep t drawn from the pipeline's
-        (shifted) inference grid of `num_inference_steps` steps: flow matching, x_t = (1 − σ)·x0 + σ·ε.
-
-        The draw runs on a copy of the scheduler (set_timesteps moves its state; the sampling pipeline keeps
-        its own)."""
+    def inference_grid(self, scheduler, num_inference_steps: int):
+        """A copy of `scheduler` set to the pipeline's inference grid (set_timesteps moves a scheduler's state;
+        the sampling pipeline keeps its own)."""
         grid = type(scheduler).from_config(scheduler.config)
         grid.set_timesteps(num_inference_steps)
+        return grid
+
+    def renoise(self, scheduler, x0: torch.Tensor, generator: torch.Generator, num_inference_steps: int):
+        """(x_t, t): x0 noised by the scheduler's own forward process at a timestep t drawn from the pipeline's
+        (shifted) inference grid of `num_inference_steps` steps: flow matching, x_t = (1 − σ)·x0 + σ·ε."""
+        grid = self.inference_grid(scheduler, num_inference_steps)
         index = torch.randint(0, len(grid.timesteps), (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         t = grid.timesteps[index]
