@@ -1,0 +1,314 @@
+"""Wan and HunyuanVideo through the whole engine: tiny folders of the real diffusers/transformers classes (random
+weights, built offline: WanTransformer3DModel + UMT5 + FlowMatchEulerDiscreteScheduler + Wan VAE;
+HunyuanVideoTransformer3DModel + LLaMA + CLIP + flow matching + HunyuanVideo VAE) trained with `lowmem-eraser
+train`, sampled with the family's pipeline, generated with `infer`.
+
+The tiny Wan's cross-attention output is scaled up (`text_gain`): at random init the prompt moves Wan's
+prediction by ~0.2 %, so erasure would be invisible in a test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lowmem_eraser import erasers_disabled, load_erasers
+from lowmem_eraser.cli import main as cli_main
+from lowmem_eraser.families import HUNYUAN_VIDEO, WAN
+from lowmem_eraser.sampling import renoise
+from lowmem_eraser.tiny import build_tiny_hunyuan, build_tiny_wan
+
+PAIRS = [
+    ["a red ball moving left", "a blue ball moving left"],
+    ["a red square moving up", "a green square moving up"],
+    ["a small red ball drifting right", "a small yellow ball drifting right"],
+]
+TEXT_LENGTH = {"Wan": 512, "HunyuanVideo": 256}  # the pipelines' max_sequence_length
+FAMILIES = ["Wan", "HunyuanVideo"]
+# The published eraser keys of the tiny models' two eraser blocks.
+# Per family: learning rate of the 40-step runs below, and the bound |v'(c) - v_neg| must fall under (as a share of
+# its start; measured: Wan 0.875 at lr 1e-3, HunyuanVideo 0.965 at lr 1e-2: its text moves the tiny model's
+# prediction 80x more than Wan's, so v_neg is far and 40 steps close only a few percent of the gap).
+TRAINING = {"Wan": (1.0e-3, 0.95), "HunyuanVideo": (1.0e-2, 0.98)}
+ERASER_KEYS = {"Wan": ["blocks.0.attn2.adapter", "blocks.1.attn2.adapter"],
+               "HunyuanVideo": ["single_transformer_blocks.0.attn.adapter", "single_transformer_blocks.1.attn.adapter"]}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Built on first use, one folder per family."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(f"tiny_{name.lower()}")
+            texts = [p for pair in PAIRS for p in pair]
+            if name == "Wan":
+                build_tiny_wan(folder / "model", texts, with_vae=True, text_gain=10.0)
+            else:
+                build_tiny_hunyuan(folder / "model", texts, with_vae=True)
+            (folder / "prompts.yaml").write_text(yaml.safe_dump(PAIRS))
+            built[name] = folder
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def wan_model(models):
+    return models("Wan")
+
+
+def make_config(root, out, **sections):
+    config = {
+        "model": str(root / "model"),
+        "prompts": str(root / "prompts.yaml"),
+        "concept": "red",
+        "output_dir": str(out),
+        "eraser": {"rank": 8},
+        "loss": {"eta": 3.0, "alpha": 1.0, "beta": 1.0, "mask_threshold": 0.1},
+        "sampling": {"mode": "renoise", "num_inference_steps": 4, "guidance_scale": 4.0},
+        "video": {"frames": 9, "height": 64, "width": 64},
+        "train": {"steps": 4, "lr": 5.0e-3, "save_every": 100},
+        "memory": {"quantize": "int8", "dtype": "float32", "kernels": "torch"},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_prompts_are_encoded_exactly_as_wan_pipeline_encodes_them(wan_model, tmp_path):
+    from diffusers import WanPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from lowmem_eraser.text import encode_prompts
+
+    model = wan_model / "model"
+    pairs = [tuple(pair) for pair in PAIRS]
+    text = encode_prompts(model, pairs, "red", TEXT_LENGTH["Wan"], torch.float32, torch.device("cpu"), tmp_path)
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(model / "tokenizer"),
+                       text_encoder=UMT5EncoderModel.from_pretrained(model / "text_encoder"), vae=None,
+                       scheduler=None, transformer=None)
+    with torch.no_grad():
+        expected = pipe.encode_prompt([t for t, _ in pairs] + [p for _, p in pairs] + [""],
+                                      do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH["Wan"])[0]
+    assert torch.equal(torch.cat([text.target, text.preserve, text.empty]), expected)
+    words = len(PAIRS[0][0].split())
+    assert text.target.shape == (3, TEXT_LENGTH["Wan"], 24)
+    assert text.target[0, : words + 1].abs().sum(-1).gt(0).all()  # words + </s>
+    assert text.target[0, words + 1 :].abs().sum() == 0  # WanPipeline zeroes everything after the prompt
+    assert text.concept_tokens.shape == (3, TEXT_LENGTH["Wan"])
+    assert text.concept_tokens.nonzero().tolist() == [[0, 1], [1, 1], [2, 2]]  # "red" in each target prompt
+
+
+def test_hunyuan_prompts_are_encoded_as_its_pipeline_encodes_them_after_the_template(models, tmp_path):
+    """LLaMA hidden states of the prompt inside the pipeline's template, cropped to the prompt; CLIP's pooled
+    vector; the mask; the concept found in the prompt only, never in the template's own words."""
+    from diffusers import HunyuanVideoPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+    from lowmem_eraser.text import encode_prompts
+
+    model = models("HunyuanVideo") / "model"
+    pairs = [tuple(pair) for pair in PAIRS]
+    text = encode_prompts(model, pairs, "red", 256, torch.float32, torch.device("cpu"), tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    ids = tokenizer(template.format("a red ball"))["input_ids"]
+    crop = ids.index(tokenizer.convert_tokens_to_ids("a"), ids.index(tokenizer.convert_tokens_to_ids("user")))
+    pipe = HunyuanVideoPipeline(text_encoder=LlamaModel.from_pretrained(model / "text_encoder"), tokenizer=tokenizer,
+                                transformer=None, vae=None, scheduler=None,
+                                text_encoder_2=CLIPTextModel.from_pretrained(model / "text_encoder_2"),
+                                tokenizer_2=AutoTokenizer.from_pretrained(model / "tokenizer_2"))
+    with torch.no_grad():
+        embeds, pooled, mask = pipe.encode_prompt([t for t, _ in pairs], prompt_template={"template": template,
+                                                                                          "crop_start": crop})
+    assert torch.equal(text.target.embeds, embeds) and torch.equal(text.target.pooled, pooled)
+    assert torch.equal(text.target.mask, mask) and text.target.shape == (3, 256, 24)
+    assert mask[0].tolist() == [1] * 6 + [0] * 250  # "a red ball moving left" + <|eot_id|>
+    assert text.concept_tokens.nonzero().tolist() == [[0, 1], [1, 1], [2, 2]]  # "red" in each target prompt
+
+    runtime = HUNYUAN_VIDEO.runtime  # "color" is a word of the template: only a prompt's own "color" counts
+    found = runtime.concept_tokens(tokenizer, ["a red ball", "a ball of red color"], "color", 256)
+    assert found.nonzero().tolist() == [[1, 4]]
+
+
+def test_hunyuan_renoise_draws_from_its_pipelines_sigma_grid(models):
+    """HunyuanVideoPipeline sets σ = linspace(1, 0, n + 1)[:-1] (then shift 7): x_t = (1 − σ)·x0 + σ·ε there."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+    transformer = HunyuanVideoTransformer3DModel.from_pretrained(models("HunyuanVideo") / "model" / "transformer")
+    x0 = torch.randn(64, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_t, t = renoise(transformer, FlowMatchEulerDiscreteScheduler(shift=7.0), x0, torch.Generator().manual_seed(5),
+                     num_inference_steps=4)
+    replay = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 4, (64,), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    plain = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    sigma = (7 * plain / (1 + 6 * plain))[index]  # the scheduler's shift, written out
+    assert torch.allclose(t.double(), sigma * 1000, atol=1e-3)
+    expected = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0.double() + sigma.view(-1, 1, 1, 1, 1) * noise.double()
+    assert (x_t.double() - expected).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("scheduler_name", ["FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_flow_matching_renoise_is_the_schedulers_forward_process_on_the_shifted_grid(wan_model, scheduler_name):
+    """x_t = (1 − σ)·x0 + σ·ε with (t, σ) a point of the pipeline's inference grid (shift 3), against fp64
+    arithmetic on the same draws; UniPC with flow sigmas (Wan's published scheduler) noises the same way."""
+    import diffusers
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(wan_model / "model" / "transformer")
+    if scheduler_name == "UniPCMultistepScheduler":
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0)
+    else:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x0 = torch.randn(64, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_t, t = renoise(transformer, scheduler, x0, torch.Generator().manual_seed(5), num_inference_steps=10)
+
+    grid = type(scheduler).from_config(scheduler.config)
+    grid.set_timesteps(10)
+    replay = torch.Generator().manual_seed(5)  # the same draws renoise made: grid index, then ε
+    index = torch.randint(0, 10, (64,), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    sigma = grid.sigmas[index].double().view(-1, 1, 1, 1, 1)
+    assert torch.equal(t, grid.timesteps[index])
+    assert len(set(t.tolist())) > 5  # the draw spreads over the grid
+    # the grid's t is 1000·σ (shifted): FlowMatchEuler keeps it exact, UniPC rounds it to an integer < 1000
+    assert (sigma.flatten() * 1000 - t.double()).abs().max() <= 1.0
+    assert 0 < sigma.min() and sigma.max() <= 1 and grid.sigmas[:10].median() > 0.6  # shift 3: mostly high noise
+    expected = (1 - sigma) * x0.double() + sigma * noise.double()
+    assert (x_t.double() - expected).abs().max() < 1e-6  # fp32 arithmetic on values of order 1
+
+
+def _call(name, transformer, x_t, t, text, guidance):
+    """The transformer called as the family's pipeline calls it, written out here (not through the runtime)."""
+    if name == "Wan":
+        return transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+    n = x_t.shape[0]
+    return transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=text["embeds"].expand(n, -1, -1),
+                       encoder_attention_mask=text["mask"].expand(n, -1).float(),
+                       pooled_projections=text["pooled"].expand(n, -1), guidance=torch.full((n,), guidance * 1000.0),
+                       return_dict=False)[0]
+
+
+def _velocities(name, model, out, guidance):
+    """v(x_t, ·) of the frozen model and v'(x_t, ·) of the erased one on the run's cached x0, at fixed draws."""
+    import diffusers
+
+    text = torch.load(next((out / "cache").glob("text-*.pt")), weights_only=True)
+    x0 = torch.stack([torch.load(p, weights_only=True) for p in sorted(next((out / "cache").glob("x0-*")).glob("*.pt"))])
+    transformer_class = getattr(diffusers, {"Wan": WAN, "HunyuanVideo": HUNYUAN_VIDEO}[name].transformer_classes[0])
+    transformer = transformer_class.from_pretrained(model / "transformer")
+    load_erasers(transformer, out)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+    t = torch.full((x0.shape[0],), 750.0)
+    x_t = 0.25 * x0 + 0.75 * noise  # σ = t / 1000
+
+    def v(condition):
+        return _call(name, transformer, x_t, t, condition, guidance)
+
+    with torch.no_grad():
+        with erasers_disabled(transformer):
+            empty = text["empty"] if name == "HunyuanVideo" else text["empty"].expand(x0.shape[0], -1, -1)
+            base = v(text["target"]), v(empty), v(text["preserve"])
+        erased = v(text["target"]), v(text["preserve"])
+    return base, erased
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_train_moves_the_erased_prediction_toward_the_negative_target_and_beta_holds_the_preservation(
+        models, name, tmp_path):
+    """Fixed draws (the runs' cached x0, one ε, σ = 0.75). A random tiny model barely tells "red" from "blue",
+    so the unlearning term drags the preservation prompt along; β·L_pre must hold it closer (as for CogVideoX)."""
+    eta, drift, root = 3.0, {}, models(name)
+    lr, bound = TRAINING[name]
+    for beta in (0.0, 1.0):
+        out = tmp_path / f"beta{beta}"
+        config = make_config(root, out, train={"steps": 40, "lr": lr}, loss={"beta": beta})
+        assert cli_main(["train", "--config", str(config)]) == 0
+        (base_c, base_empty, base_pre), (erased_c, erased_pre) = _velocities(name, root / "model", out, 4.0)
+        v_neg = base_empty - eta * (base_c - base_empty)
+        before, after = (base_c - v_neg).norm().item(), (erased_c - v_neg).norm().item()
+        drift[beta] = (erased_pre - base_pre).norm().item()
+        print(f"{name} beta={beta}: |v'(c) - v_neg| {before:.4g} -> {after:.4g}; "
+              f"|v'(c_pre) - v(c_pre)| = {drift[beta]:.4g}")
+        assert after < bound * before
+
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 40 and all(np.isfinite(r["loss"]) for r in rows)
+        assert any(r["loc"] > 0 for r in rows)  # the family's concept mask reached L_loc
+    assert drift[1.0] < 0.9 * drift[0.0]  # measured: Wan 0.62x, HunyuanVideo 0.81x
+    weights = torch.load(out / "eraser_weights.pt", weights_only=True)
+    assert sorted(weights) == ERASER_KEYS[name]  # the published layout: outer keys
+    assert json.loads((out / "lowmem_eraser.json").read_text())["family"] == name
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_trajectory_sampling_and_validation_videos_through_the_familys_pipeline_and_vae(models, name, tmp_path):
+    config = make_config(models(name), tmp_path / "run", sampling={"mode": "trajectory"}, train={"steps": 2},
+                         validation={"every": 2, "prompts": ["a red ball moving left"], "num_inference_steps": 2})
+    assert cli_main(["train", "--config", str(config)]) == 0
+    gif = tmp_path / "run" / "validation" / "step-000002" / "00.gif"
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.n_frames == 9 and image.size[1] == 64  # base | bar | erased, 9 decoded frames of 64 px
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_infer_generates_a_video_and_strength_zero_is_the_base_model(models, name, tmp_path):
+    from PIL import Image
+
+    from lowmem_eraser.infer import Generation, infer
+
+    root = models(name)
+    config = make_config(root, tmp_path / "run", train={"steps": 3})
+    assert cli_main(["train", "--config", str(config)]) == 0
+    spec = Generation(prompt="a red ball moving left", steps=2, frames=9, height=64, width=64, guidance=4.0)
+    halves = {}
+    for strength in (0.0, 1.0):
+        path = infer(root / "model", tmp_path / "run", spec, tmp_path / f"s{strength}.gif", strength=strength,
+                     compare=True)
+        with Image.open(path) as image:
+            frames = []
+            for i in range(image.n_frames):
+                image.seek(i)
+                frames.append(np.asarray(image.convert("RGB")))
+        video = np.stack(frames)
+        assert video.shape[:3] == (9, 64, 64 * 2 + 2)  # base | 2-px bar | erased
+        halves[strength] = video[:, :, :64], video[:, :, -64:]
+    assert np.array_equal(*halves[0.0])  # strength 0: the erased half is the base half exactly
+    assert not np.array_equal(*halves[1.0])
+
+
+def test_sampling_latents_follow_the_vaes_compression_without_loading_it(wan_model, tmp_path):
+    """Wan2.2's VAE compresses 16x: the pipeline built without a VAE must read that from vae/config.json."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from lowmem_eraser.config import SamplingConfig, VideoConfig
+    from lowmem_eraser.sampling import _generate, make_pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(wan_model / "model", folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "scale_factor_spatial": 16}))
+    transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+    sampling = SamplingConfig(num_inference_steps=1, guidance_scale=1.0)
+    text = torch.zeros(1, 8, 24)
+    for model, size in ((None, 8), (wan_model / "model", 8), (folder, 4)):
+        pipe = make_pipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=3.0), model)
+        pipe.set_progress_bar_config(disable=True)
+        latents = _generate(pipe, text, text, VideoConfig(frames=9, height=64, width=64), sampling,
+                            torch.Generator().manual_seed(0), torch.device("cpu"))
+        assert latents.shape == (1, 4, 3, size, size)  # [B, C, F, H/s, W/s]
