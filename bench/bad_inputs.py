@@ -62,13 +62,13 @@ def _file(paths: dict, name: str, content: bytes) -> str:
     return str(path)
 
 
-def _hunyuan_folder(paths: dict) -> str:
-    """A model folder whose transformer is a HunyuanVideo one (only its config: refused before anything is
+def _unsupported_folder(paths: dict) -> str:
+    """A model folder whose transformer is of no supported family (only its config: refused before anything is
     loaded)."""
-    folder = paths["root"] / "hunyuan"
+    folder = paths["root"] / "unsupported"
     for sub in ("transformer", "text_encoder", "tokenizer", "scheduler"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    (folder / "transformer" / "config.json").write_text('{"_class_name": "HunyuanVideoTransformer3DModel"}')
+    (folder / "transformer" / "config.json").write_text('{"_class_name": "LTXVideoTransformer3DModel"}')
     return str(folder)
 
 
@@ -106,8 +106,8 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
         ("train: activation offload without checkpointing", ["train", "--config", _config_with(
             paths, "act", memory__offload_activations=True, memory__gradient_checkpointing=False)],
          "memory.offload_activations"),
-        ("train: a model of a family not trained yet", ["train", "--config", _config_with(
-            paths, "hunyuan", model=_hunyuan_folder(paths))], "HunyuanVideo"),
+        ("train: a model of an unsupported family", ["train", "--config", _config_with(
+            paths, "unsupported", model=_unsupported_folder(paths))], "LTXVideoTransformer3DModel"),
         ("infer: --steps 0", [*infer, "--steps", "0"], "--steps"),
         ("infer: --steps -2", [*infer, "--steps", "-2"], "--steps"),
         ("infer: --strength nan", [*infer, "--strength", "nan"], "--strength"),

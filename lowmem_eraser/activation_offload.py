@@ -131,6 +131,9 @@ class _Entry:
         # of what the unpack hook returns, so the returned object dies at once while its storage lives on.
         self.unpacked: weakref.ref | None = None
         self.consumed = False  # brought back once already: prefetching it again would only duplicate it
+        # Saved again after later tensors (Wan's text states, saved by every block): its pack index says
+        # nothing about where backward is, so unpacking it must not start a prefetch.
+        self.shared_later = False
 
     def empty(self, shape: tuple = None, stride: tuple = None) -> torch.Tensor:
         """A new, uninitialised device tensor of this entry's dtype (of its shape and strides by default)."""
@@ -256,6 +259,7 @@ class ActivationOffloader:
         entry = hit() if hit is not None else None
         if entry is not None and entry.storage() is storage:
             self.counters.shared += 1
+            entry.shared_later = entry.shared_later or entry.index != len(step.order) - 1
             return entry
         stride = _dense_stride(tensor)
         host = self._take(tuple(tensor.shape), stride, tensor.dtype)
@@ -360,7 +364,8 @@ class ActivationOffloader:
             torch.cuda.current_stream(self.device).wait_event(entry.ready)
         entry.ready = None
         entry.unpacked, entry.consumed = weakref.ref(tensor.untyped_storage()), True
-        self._prefetch_before(entry)
+        if not entry.shared_later:  # its neighbour in pack order would come back blocks too early
+            self._prefetch_before(entry)
         return tensor
 
     def _prefetch_before(self, entry: _Entry) -> None:

@@ -142,17 +142,17 @@ def _plan(args: argparse.Namespace) -> None:
     budget = plan.parse_size(args.budget)
     if args.model is None and args.config is None:
         raise LowmemEraserError("plan: give --model (a preset or a local folder) or --config (a train YAML)")
-    settings = plan.plan_defaults(args.config)
+    settings = plan.plan_defaults(args.config, args.model)
     given = {name: getattr(args, name, None) for name in settings if name not in ("config", "loss")}
     settings.update({name: value for name, value in given.items() if value is not None})
     model = settings["model"]
-    video = plan.check_video(settings["frames"], settings["height"], settings["width"])
+    video = plan.check_video(settings["frames"], settings["height"], settings["width"], model)
     loss = plan.check_loss(settings["alpha"], settings["beta"], settings["loss"])
     run = plan.RunSpec(settings["sampling"], settings["sampling_batch"], settings["cfg"],
                        plan.check_prompts(settings["prompts"]), settings["text_encoder"], settings["blockwise_load"])
     config = settings["config"]
     speeds = plan.check_speeds(args.tflops, args.h2d_gbps)
-    depth = plan.model_spec(model).transformer.get("num_layers", 30) if config is not None else 0
+    depth = plan.model_spec(model).depth if config is not None else 0
     configured = plan.configured_setting(config.memory, settings["batch"], depth) if config is not None else None
     result = plan.make_plan(model, video, plan.check_rank(settings["rank"]), loss, budget, run=run,
                             dtype=getattr(torch, settings["dtype"]), batch=settings["batch"], configured=configured,
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--steps", type=int, default=50)
     infer.add_argument("--frames", type=int, default=None,
-                       help="8k+1 frames (default: the transformer's sample_frames, 49 for CogVideoX)")
+                       help="8k+1 frames for CogVideoX, 4k+1 for Wan and HunyuanVideo (default: the family's: "
+                            "the transformer's sample_frames, 49, for CogVideoX; 81 for Wan; 129 for HunyuanVideo)")
     infer.add_argument("--guidance", type=float, default=6.0)
     infer.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                        help="CUDA only: the pipeline's model / sequential CPU offload")
@@ -219,14 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_toy_build)
 
     plan = commands.add_parser("plan", help="predict peak GPU memory on this CPU and pick settings for a budget")
-    plan.add_argument("--model", help="cogvideox-2b, cogvideox-5b or a local diffusers folder "
+    plan.add_argument("--model", help="cogvideox-2b, cogvideox-5b, wan2.1-1.3b, wan2.1-14b, wan2.2-ti2v-5b, "
+                      "hunyuanvideo or a local diffusers folder "
                       "(default: the --config's model)")
     plan.add_argument("--config", help="a train YAML: its video, rank, loss, sampling, prompt count and "
                       "memory.text_encoder are planned (options given here override them)")
     plan.add_argument("--budget", required=True, help="GPU memory, e.g. 24GB (binary units: 24GB = 24 GiB)")
-    plan.add_argument("--frames", type=int, help="8k+1 frames (default 49)")
-    plan.add_argument("--height", type=int, help="default 480")
-    plan.add_argument("--width", type=int, help="default 720")
+    plan.add_argument("--frames", type=int, help="8k+1 frames for CogVideoX, 4k+1 for Wan and HunyuanVideo "
+                      "(default: the preset's, e.g. 49; 81 for Wan2.1; 61 for HunyuanVideo)")
+    plan.add_argument("--height", type=int, help="default: the preset's (480 for CogVideoX and Wan2.1)")
+    plan.add_argument("--width", type=int, help="default: the preset's (720 for CogVideoX, 832 for Wan2.1)")
     plan.add_argument("--rank", type=int, help="eraser rank (default 128)")
     plan.add_argument("--alpha", type=float, help="L_loc weight (> 0 adds the concept-mask pass; default 1)")
     plan.add_argument("--beta", type=float, help="L_pre weight (> 0 adds two passes; default 0.5)")

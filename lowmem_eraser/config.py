@@ -144,7 +144,8 @@ class SamplingConfig(_Section):
 @dataclass
 class VideoConfig(_Section):
     key: ClassVar[str] = "video"
-    frames: int = field(default=49, metadata=_rule(lambda v: v > 0 and v % 8 == 1, "8k+1 frames (e.g. 49)"))
+    # 4k+1 for every family; the model's family may ask more (CogVideoX: 8k+1), checked in `validate`
+    frames: int = field(default=49, metadata=_rule(lambda v: v > 0 and v % 4 == 1, "4k+1 frames (e.g. 49, 81)"))
     height: int = field(default=480, metadata=_rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))
     width: int = field(default=720, metadata=_rule(lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))
 
@@ -298,6 +299,10 @@ def validate(config: TrainConfig) -> None:
                 f"model: {config.model} has no {sub}/ sub-folder (a diffusers model folder needs "
                 f"{', '.join(s + '/' for s in subfolders)})"
             )
+    step = family.runtime.frame_step if family else 8
+    if config.video.frames % step != 1:
+        raise ConfigError(f"video.frames: expected {step}k+1 frames for {family.name if family else 'CogVideoX'} "
+                          f"(e.g. 49), got {config.video.frames}")
     dim = _attention_dim(config.model)
     if dim is not None and config.eraser.rank > dim:  # down: dim -> rank; a wider rank adds only dead weights
         raise ConfigError(

@@ -126,8 +126,8 @@ def generate(pipe, spec: Generation, tiling: str = "auto") -> np.ndarray:
     config = dict(pipe.transformer.config)
     default = runtime.video_size(config, pipe.vae_scale_factor_spatial)
     frames = spec.frames if spec.frames is not None else default[0]
-    if frames <= 0 or frames % 8 != 1:
-        raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {frames}")
+    if frames <= 0 or frames % runtime.frame_step != 1:
+        raise LowmemEraserError(f"--frames: expected {runtime.frame_step}k+1 frames (e.g. 49), got {frames}")
     height = spec.height or default[1]
     width = spec.width or default[2]
     vae_tiling(pipe, tiling, frames, height, width)
@@ -181,8 +181,8 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
         raise LowmemEraserError(f"--steps: expected at least 1, got {spec.steps}")
     if not math.isfinite(strength):  # nan/inf would render a black video and exit 0
         raise LowmemEraserError(f"--strength: expected a finite number, got {strength}")
-    if spec.frames is not None and (spec.frames <= 0 or spec.frames % 8 != 1):
-        raise LowmemEraserError(f"--frames: expected 8k+1 frames (e.g. 49), got {spec.frames}")
+    if spec.frames is not None and (spec.frames <= 0 or spec.frames % 4 != 1):  # the family's rule: generate()
+        raise LowmemEraserError(f"--frames: expected 4k+1 frames (8k+1 for CogVideoX, e.g. 49), got {spec.frames}")
     ensure_folder(Path(output).parent, "--output")
     read_erasers(eraser)  # a bad eraser is named before the model loads
     pipe = load_pipeline(model, offload)

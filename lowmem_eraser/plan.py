@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,19 +41,95 @@ from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings
 from .stages import (  # noqa: F401 -- default_dtype is also used from here by bench/ and tests
-    ALLOCATOR_SLACK, SIM_DEPTHS, default_dtype, extrapolate_depth, CUDA_CONTEXT_BYTES, Stage, needed_bytes, text_encoder_config, text_stage, vae_bytes, vae_config,
-    vae_decode_peak,
+    ALLOCATOR_SLACK, CLIP_L_TEXT, LLAVA_LLAMA3_8B, SIM_DEPTHS, T5_XXL, UMT5_XXL, CUDA_CONTEXT_BYTES, Stage,
+    TextEncoder, default_dtype, needed_bytes, text_encoder_config, text_encoders, text_stage,
+    vae_bytes, vae_config, vae_decode_peak,
 )
 from .train import eraser_losses_backward, velocity
 
-# The published transformer configs; everything else is CogVideoXTransformer3DModel's defaults
-# (text_embed_dim 4096, max_text_seq_length 226, in/out channels 16, patch 2, time_embed_dim 512).
-PRESETS = {
-    "cogvideox-2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30),
-    "cogvideox-5b": dict(
-        num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True
-    ),
+_WAN_2_1 = dict(  # the WanTransformer3DModel arguments every Wan preset shares (sources: Preset.source)
+    patch_size=[1, 2, 2], attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, in_channels=16, out_channels=16,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything the planner needs to know about a published model, as data: its transformer's config (the
+    diffusers class's arguments that differ from its defaults), the pipeline's default video, its text encoders,
+    its VAE and the folder name a config points at."""
+
+    family: str  # families/ name
+    transformer_class: str
+    transformer: dict
+    video: tuple[int, int, int]  # (frames, height, width) the pipeline generates by default
+    text: tuple[TextEncoder, ...]
+    vae: dict  # the VAE's config, `_class_name` included (none: AutoencoderKLCogVideoX)
+    folder: str  # models/<folder> in a written config
+    vae_scale: int = 8  # pixels per latent, spatially
+    expand_timesteps: bool = False  # Wan2.2 TI2V: the pipeline passes one timestep per video token [B, tokens]
+    source: str = ""
+
+
+MODEL_PRESETS: dict[str, Preset] = {
+    # THUDM/CogVideoX-{2b,5b} transformer/config.json; everything else is CogVideoXTransformer3DModel's defaults
+    # (text_embed_dim 4096, max_text_seq_length 226, in/out channels 16, patch 2, time_embed_dim 512).
+    "cogvideox-2b": Preset(
+        "CogVideoX", "CogVideoXTransformer3DModel",
+        dict(num_attention_heads=30, attention_head_dim=64, num_layers=30), (49, 480, 720),
+        (TextEncoder(T5_XXL, 226),), {}, "CogVideoX-2b", source="THUDM/CogVideoX-2b"),
+    "cogvideox-5b": Preset(
+        "CogVideoX", "CogVideoXTransformer3DModel",
+        dict(num_attention_heads=48, attention_head_dim=64, num_layers=42, use_rotary_positional_embeddings=True),
+        (49, 480, 720), (TextEncoder(T5_XXL, 226),), {}, "CogVideoX-5b", source="THUDM/CogVideoX-5b"),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json; the same numbers in the original repo's
+    # wan/configs/wan_t2v_1_3B.py (dim 1536 = 12 x 128, ffn 8960, 30 layers, freq 256, eps 1e-6, qk and cross-attn
+    # norm) and in diffusers' scripts/convert_wan_to_diffusers.py. 480P default 81 x 480 x 832 (WanPipeline's
+    # height 480, width 832, num_frames 81). UMT5-XXL prompts padded to 512 tokens (text_len 512).
+    "wan2.1-1.3b": Preset(
+        "Wan", "WanTransformer3DModel",
+        dict(_WAN_2_1, num_attention_heads=12, ffn_dim=8960, num_layers=30), (81, 480, 832),
+        (TextEncoder(UMT5_XXL, 512, name="UMT5-XXL"),), {"_class_name": "AutoencoderKLWan"},
+        "Wan2.1-T2V-1.3B-Diffusers", source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers; wan/configs/wan_t2v_1_3B.py"),
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers; wan/configs/wan_t2v_14B.py: dim 5120 = 40 x 128, ffn 13824, 40 layers.
+    "wan2.1-14b": Preset(
+        "Wan", "WanTransformer3DModel",
+        dict(_WAN_2_1, num_attention_heads=40, ffn_dim=13824, num_layers=40), (81, 480, 832),
+        (TextEncoder(UMT5_XXL, 512, name="UMT5-XXL"),), {"_class_name": "AutoencoderKLWan"},
+        "Wan2.1-T2V-14B-Diffusers", source="Wan-AI/Wan2.1-T2V-14B-Diffusers; wan/configs/wan_t2v_14B.py"),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers; Wan2.2's wan/configs/wan_ti2v_5B.py: dim 3072 = 24 x 128, ffn 14336,
+    # 30 layers, vae_stride (4, 16, 16), frame_num 121, size 1280*704; in/out channels 48 (the VAE's z_dim).
+    # Its VAE (vae/config.json, also diffusers' scripts/convert_wan_to_diffusers.py `vae22_diffusers_config`):
+    # AutoencoderKLWan base_dim 160, decoder_base_dim 256, z_dim 48, in/out channels 12 (RGB patchified 2x2),
+    # patch_size 2, is_residual, scale_factor_spatial 16, scale_factor_temporal 4. model_index.json sets
+    # expand_timesteps: the pipeline gives the transformer one timestep per video token.
+    "wan2.2-ti2v-5b": Preset(
+        "Wan", "WanTransformer3DModel",
+        dict(_WAN_2_1, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+        (121, 704, 1280), (TextEncoder(UMT5_XXL, 512, name="UMT5-XXL"),),
+        {"_class_name": "AutoencoderKLWan", "base_dim": 160, "decoder_base_dim": 256, "z_dim": 48,
+         "in_channels": 12, "out_channels": 12, "patch_size": 2, "is_residual": True, "scale_factor_spatial": 16,
+         "scale_factor_temporal": 4, "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48},
+        "Wan2.2-TI2V-5B-Diffusers", vae_scale=16, expand_timesteps=True,
+        source="Wan-AI/Wan2.2-TI2V-5B-Diffusers; Wan2.2 wan/configs/wan_ti2v_5B.py"),
+    # hunyuanvideo-community/HunyuanVideo transformer/config.json = HunyuanVideoTransformer3DModel's defaults
+    # (in/out 16, 24 heads x 128, 20 dual-stream + 40 single-stream blocks, 2 refiner layers, mlp_ratio 4, patch
+    # 2 x 2 x 1, rms_norm, guidance_embeds, text_embed_dim 4096, pooled 768, rope_theta 256, rope axes 16/56/56;
+    # the official repo: mm_double_blocks_depth 20, mm_single_blocks_depth 40, rope_dim_list [16, 56, 56]).
+    # HunyuanVideoPipeline: the LLaMA prompt template's first 95 tokens are cropped (crop_start 95) from
+    # max_sequence_length 256 + 95 tokens, the third-last hidden layer is read (num_hidden_layers_to_skip 2);
+    # CLIP-L gives the pooled 768; guidance-distilled (guidance_scale enters as an embedding, true_cfg_scale 1:
+    # one forward per step). Default video: the report's 61 x 544 x 960 (the pipeline's own is 129 x 720 x 1280).
+    "hunyuanvideo": Preset(
+        "HunyuanVideo", "HunyuanVideoTransformer3DModel",
+        dict(num_layers=20, num_single_layers=40, num_refiner_layers=2), (61, 544, 960),
+        (TextEncoder(LLAVA_LLAMA3_8B, 256 + 95, hidden_states=True, name="LLaMA-3-8B"),
+         TextEncoder(CLIP_L_TEXT, 77, name="CLIP-L")),
+        {"_class_name": "AutoencoderKLHunyuanVideo"}, "HunyuanVideo",
+        source="hunyuanvideo-community/HunyuanVideo; Tencent/HunyuanVideo"),
 }
+# The transformer config of each preset (what `transformer_config` returns for it).
+PRESETS = {name: preset.transformer for name, preset in MODEL_PRESETS.items()}
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -70,19 +146,23 @@ def parse_size(text: str, name: str = "--budget") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def preset_name(model: str | Path) -> str | None:
-    """The preset `model` stands for: a preset name, or a folder not downloaded yet whose name is one
-    (`models/CogVideoX-5b`, `THUDM/CogVideoX-2b`: planning happens before the download)."""
+def preset_name(model: str | Path | None) -> str | None:
+    """The preset `model` stands for: a preset name, or a folder not downloaded yet whose name is one or is the
+    preset's folder name (`models/CogVideoX-5b`, `THUDM/CogVideoX-2b`, `models/Wan2.1-T2V-14B-Diffusers`:
+    planning happens before the download)."""
+    if model is None:
+        return None
     if str(model) in PRESETS:
         return str(model)
     name = Path(model).name.lower()
-    if name in PRESETS and not (Path(model) / "transformer" / "config.json").is_file():
-        return name
-    return None
+    if (Path(model) / "transformer" / "config.json").is_file():
+        return None
+    return next((key for key, preset in MODEL_PRESETS.items() if name in (key, preset.folder.lower())), None)
 
 
 def transformer_config(model: str | Path) -> tuple[dict, str]:
-    """(CogVideoXTransformer3DModel config, display name) of a preset name or a local diffusers folder."""
+    """(transformer config, display name) of a preset name or a local diffusers folder (CogVideoX, Wan or
+    HunyuanVideo; `transformer_class` says which)."""
     preset = preset_name(model)
     if preset is not None:
         return dict(PRESETS[preset]), preset
@@ -92,21 +172,44 @@ def transformer_config(model: str | Path) -> tuple[dict, str]:
             f"--model: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a folder with transformer/config.json"
         )
     config = json.loads(path.read_text())
-    if config.get("_class_name", "CogVideoXTransformer3DModel") != "CogVideoXTransformer3DModel":
-        raise PlanError(f"--model: {path} describes a {config['_class_name']}, not a CogVideoXTransformer3DModel")
+    name = config.get("_class_name", "CogVideoXTransformer3DModel")
+    if name not in ARCHITECTURES:
+        raise PlanError(f"--model: {path} describes a {name}, not one of {', '.join(ARCHITECTURES)}")
     return {k: v for k, v in config.items() if not k.startswith("_")}, str(model)
 
 
-def check_video(frames: int, height: int, width: int) -> VideoConfig:
-    """The video size, with errors that name the command-line option."""
+def transformer_class(model: str | Path) -> str:
+    """The diffusers transformer class of a preset or a local folder."""
+    preset = preset_name(model)
+    if preset is not None:
+        return MODEL_PRESETS[preset].transformer_class
+    path = Path(model) / "transformer" / "config.json"
+    return json.loads(path.read_text()).get("_class_name", "CogVideoXTransformer3DModel")
+
+
+def check_video(frames: int, height: int, width: int, model: str | Path | None = None) -> VideoConfig:
+    """The video size, with errors that name the command-line option. CogVideoX (and no model): 8k+1 frames, a
+    multiple of 16 pixels (what train's config accepts); Wan and HunyuanVideo: 4k+1 frames (their VAEs compress
+    time 4x), a multiple of VAE scale x patch (Wan2.2-TI2V-5B: 32)."""
+    facts = model_facts(model) if model is not None else ModelFacts()
+    arch = ARCHITECTURES[facts.transformer_class]
+    step = facts.vae_scale * arch.spatial_patch
+    rules = {"frames": (lambda v: v > 0 and v % arch.frame_step == 1, f"{arch.frame_step}k+1 (e.g. "
+                        f"{arch.frame_step * 6 + 1})"),
+             "height": (lambda v: v > 0 and v % step == 0, f"a positive multiple of {step}"),
+             "width": (lambda v: v > 0 and v % step == 0, f"a positive multiple of {step}")}
     sizes = {"frames": frames, "height": height, "width": width}
     for name, value in sizes.items():
-        try:
-            VideoConfig(**{name: value})
-        except LowmemEraserError:
-            rule = "8k+1 (e.g. 49)" if name == "frames" else "a positive multiple of 16"
-            raise PlanError(f"--{name}: expected {rule}, got {value!r}") from None
-    return VideoConfig(**sizes)
+        holds, rule = rules[name]
+        if not isinstance(value, int) or not holds(value):
+            raise PlanError(f"--{name}: expected {rule}, got {value!r}")
+    try:
+        return VideoConfig(**sizes)
+    except LowmemEraserError:  # 4k+1 frames (HunyuanVideo's 61): train's config does not take them yet
+        video = object.__new__(VideoConfig)
+        for name, value in sizes.items():
+            object.__setattr__(video, name, value)
+        return video
 
 
 @dataclass(frozen=True)
@@ -186,43 +289,199 @@ class StepInputs:
     empty: torch.Tensor
     c_pre: torch.Tensor
     concept_tokens: torch.Tensor
-    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    # what the family's transformer takes besides x_t, t and the text (train's step extras): CogVideoX-5b's
+    # rotary embeddings, HunyuanVideo's guidance (a float), else None
+    rotary: tuple[torch.Tensor, ...] | float | None
     frames: int
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.x_t, self.t, self.c, self.empty, self.c_pre, self.concept_tokens, *(self.rotary or ())]
-        return tensor_bytes(tensors)
+        def tensors(value) -> list:
+            if isinstance(value, torch.Tensor):
+                return [value]
+            if isinstance(value, (tuple, list)):
+                return list(value)
+            return [getattr(value, name) for name in ("embeds", "mask", "pooled") if hasattr(value, name)]
+
+        held = [self.x_t, self.t, *tensors(self.c), *tensors(self.empty), *tensors(self.c_pre), self.concept_tokens,
+                *tensors(self.rotary)]
+        return tensor_bytes(held)
 
     def args(self) -> tuple:
         return self.x_t, self.t, self.c, self.empty, self.c_pre, self.concept_tokens, self.rotary, self.frames
 
 
-def step_inputs(
-    transformer: nn.Module, video: VideoConfig, batch: int, dtype: torch.dtype, seed: int = 0
-) -> StepInputs:
-    """Random inputs of the shapes the trainer feeds (rotary embeddings built as the pipeline builds them).
-    Inside FakeTensorMode they are fake; the concept is the prompt's 2nd and 3rd token."""
-    from diffusers import CogVideoXDDIMScheduler
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner needs about a model besides its transformer config (a preset's, or a folder's)."""
 
-    config = transformer.config
-    frames = latent_frames(video.frames)
+    transformer_class: str = "CogVideoXTransformer3DModel"
+    vae_scale: int = 8
+    expand_timesteps: bool = False
+
+
+def model_facts(model: str | Path) -> ModelFacts:
+    """The ModelFacts of a preset name or a local folder (VAE scale from vae/config.json, expand_timesteps from
+    model_index.json, when there)."""
+    preset = preset_name(model)
+    if preset is not None:
+        p = MODEL_PRESETS[preset]
+        return ModelFacts(p.transformer_class, p.vae_scale, p.expand_timesteps)
+    transformer_config(model)  # a PlanError naming --model when it is neither a preset nor a model folder
+    vae = vae_config(model, False) or {}
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    return ModelFacts(transformer_class(model), int(vae.get("scale_factor_spatial", 8)),
+                      bool(index.get("expand_timesteps", False)))
+
+
+class Architecture:
+    """How the planner builds, feeds and calls one diffusers transformer class: CogVideoX as the trainer does.
+    A subclass per other class; the family facts themselves live in families/ and the presets above."""
+
+    transformer_class = "CogVideoXTransformer3DModel"
+    stack_keys: tuple[str, ...] = ("num_layers",)  # the config key of each repeated stack's depth, in order
+    cfg_batched = True  # the sampling pipeline runs CFG as one forward at twice the batch
+    cfg_note = "(CFG)"
+    frame_step = 8  # frames are frame_step·k + 1 (train's config: 8k+1)
+    spatial_patch = 2
+
+    def counts(self, config: dict) -> tuple[int, ...]:
+        defaults = {"num_layers": 30, "num_single_layers": 0}
+        return tuple(int(config.get(key, defaults[key])) for key in self.stack_keys)
+
+    def text_length(self, config: dict) -> int:
+        return config.get("max_text_seq_length", 226)
+
+    def text_dim(self, config: dict) -> int:
+        return config.get("text_embed_dim", 4096)
+
+    def step_inputs(self, transformer, video, batch, dtype, gen, facts: ModelFacts) -> StepInputs:
+        """Random inputs of the shapes the trainer feeds (rotary embeddings built as the pipeline builds them)."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        config = transformer.config
+        frames = latent_frames(video.frames)
+        shape = (batch, frames, config.in_channels, video.height // 8, video.width // 8)
+        text_shape = (batch, config.max_text_seq_length, config.text_embed_dim)
+        pipe = make_pipeline(transformer, CogVideoXDDIMScheduler())
+        return StepInputs(
+            x_t=torch.randn(shape, generator=gen).to(dtype),
+            t=torch.randint(0, 1000, (batch,), generator=gen),
+            c=torch.randn(text_shape, generator=gen).to(dtype),
+            empty=torch.randn(text_shape, generator=gen).to(dtype),
+            c_pre=torch.randn(text_shape, generator=gen).to(dtype),
+            concept_tokens=_concept_tokens(batch, config.max_text_seq_length),
+            rotary=rotary_embeddings(pipe, video, torch.device("cpu")),
+            frames=frames,
+        )
+
+    def velocity(self, transformer, x_t, t, text, extra):
+        return velocity(transformer, x_t, t, text, extra)
+
+
+def _concept_tokens(batch: int, length: int) -> torch.Tensor:
+    tokens = torch.zeros(batch, length, dtype=torch.bool)
+    tokens[:, 1:3] = True  # the concept is the prompt's 2nd and 3rd token
+    return tokens
+
+
+class WanArchitecture(Architecture):
+    """WanTransformer3DModel as the Wan runtime calls it: latents [B, C, F, H, W], UMT5 text [B, 512, 4096],
+    rotary embeddings inside the transformer; WanPipeline runs CFG as two batch-1 forwards."""
+
+    transformer_class = "WanTransformer3DModel"
+    cfg_batched = False
+    cfg_note = "(CFG: two forwards, one after the other)"
+    frame_step = 4
+
+    def text_length(self, config: dict) -> int:
+        return 512  # WanPipeline's max_sequence_length
+
+    def text_dim(self, config: dict) -> int:
+        return config.get("text_dim", 4096)
+
+    def step_inputs(self, transformer, video, batch, dtype, gen, facts: ModelFacts) -> StepInputs:
+        config = transformer.config
+        frames = latent_frames(video.frames)
+        height, width = video.height // facts.vae_scale, video.width // facts.vae_scale
+        text_shape = (batch, self.text_length(config), self.text_dim(config))
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        if facts.expand_timesteps:  # WanPipeline (Wan2.2 TI2V): fp32 [B, tokens], one timestep per video token
+            pt, ph, pw = config.patch_size
+            tokens = frames // pt * (height // ph) * (width // pw)
+            t = torch.full((1, tokens), 500.0).expand(batch, -1)
+        return StepInputs(
+            x_t=torch.randn((batch, config.in_channels, frames, height, width), generator=gen).to(dtype),
+            t=t,
+            c=torch.randn(text_shape, generator=gen).to(dtype),
+            empty=torch.randn(text_shape, generator=gen).to(dtype),
+            c_pre=torch.randn(text_shape, generator=gen).to(dtype),
+            concept_tokens=_concept_tokens(batch, self.text_length(config)),
+            rotary=None,
+            frames=frames,
+        )
+
+
+class HunyuanVideoArchitecture(Architecture):
+    """HunyuanVideoTransformer3DModel as its runtime calls it (families/hunyuan_video.py): latents [B, 16, F, H, W],
+    a HunyuanText condition (LLaMA text [B, 256, 4096], its mask, CLIP's pooled [B, 768]) and the embedded
+    guidance (x 1000), passed where train passes its step extras."""
+
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    stack_keys = ("num_layers", "num_single_layers")  # dual-stream blocks run first
+    cfg_batched = False  # guidance-distilled: one forward per sampling step
+    cfg_note = "(guidance embedded: one forward)"
+    frame_step = 4
+
+    def text_length(self, config: dict) -> int:
+        return 256  # HunyuanVideoPipeline's max_sequence_length, after the template's crop
+
+    def step_inputs(self, transformer, video, batch, dtype, gen, facts: ModelFacts) -> StepInputs:
+        from .families.hunyuan_video import HunyuanText
+
+        config = transformer.config
+        frames = latent_frames(video.frames)
+        shape = (batch, config.in_channels, frames, video.height // facts.vae_scale, video.width // facts.vae_scale)
+        length = self.text_length(config)
+
+        def text():
+            return HunyuanText(torch.randn((batch, length, config.text_embed_dim), generator=gen).to(dtype),
+                               torch.ones(batch, length, dtype=torch.long),  # the tokenizer's attention mask
+                               torch.randn((batch, config.pooled_projection_dim), generator=gen).to(dtype))
+
+        return StepInputs(
+            x_t=torch.randn(shape, generator=gen).to(dtype),
+            t=torch.randint(0, 1000, (batch,), generator=gen).to(dtype),
+            c=text(),
+            empty=text(),
+            c_pre=text(),
+            concept_tokens=_concept_tokens(batch, length),
+            rotary=6000.0 if config.guidance_embeds else None,  # guidance_scale 6 x 1000, as the pipeline passes it
+            frames=frames,
+        )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.transformer_class: arch for arch in (Architecture(), WanArchitecture(), HunyuanVideoArchitecture())
+}
+
+
+def architecture(transformer: nn.Module) -> Architecture:
+    return ARCHITECTURES[type(transformer).__name__]
+
+
+def step_inputs(
+    transformer: nn.Module, video: VideoConfig, batch: int, dtype: torch.dtype, seed: int = 0,
+    facts: ModelFacts | None = None,
+) -> StepInputs:
+    """Random inputs of the shapes the trainer feeds, for the transformer's class. Inside FakeTensorMode they are
+    fake; the concept is the prompt's 2nd and 3rd token."""
+    facts = facts or ModelFacts(type(transformer).__name__)
     gen = torch.Generator().manual_seed(seed)
-    shape = (batch, frames, config.in_channels, video.height // 8, video.width // 8)
-    text_shape = (batch, config.max_text_seq_length, config.text_embed_dim)
-    concept_tokens = torch.zeros(batch, config.max_text_seq_length, dtype=torch.bool)
-    concept_tokens[:, 1:3] = True
-    pipe = make_pipeline(transformer, CogVideoXDDIMScheduler())
-    return StepInputs(
-        x_t=torch.randn(shape, generator=gen).to(dtype),
-        t=torch.randint(0, 1000, (batch,), generator=gen),
-        c=torch.randn(text_shape, generator=gen).to(dtype),
-        empty=torch.randn(text_shape, generator=gen).to(dtype),
-        c_pre=torch.randn(text_shape, generator=gen).to(dtype),
-        concept_tokens=concept_tokens,
-        rotary=rotary_embeddings(pipe, video, torch.device("cpu")),
-        frames=frames,
-    )
+    return architecture(transformer).step_inputs(transformer, video, batch, dtype, gen, facts)
 
 
 def _cpu_flash_formulas() -> dict:
@@ -281,12 +540,13 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
     return tracker.peak_bytes, counter.flops
 
 
-def build_transformer(config: dict, setting: Setting, dtype: torch.dtype, **overrides) -> nn.Module:
-    """A frozen CogVideoX transformer with random weights, quantised and checkpointed as `setting` says."""
-    from diffusers import CogVideoXTransformer3DModel
+def build_transformer(config: dict, setting: Setting, dtype: torch.dtype,
+                      model_class: str = "CogVideoXTransformer3DModel", **overrides) -> nn.Module:
+    """A frozen transformer of `model_class` with random weights, quantised and checkpointed as `setting` says."""
+    import diffusers
 
     with default_dtype(dtype):
-        transformer = CogVideoXTransformer3DModel.from_config({**config, **overrides})
+        transformer = getattr(diffusers, model_class).from_config({**config, **overrides})
     transformer.requires_grad_(False)
     if setting.quantize != "none":
         quantize_base(transformer, backend=setting.quantize)
@@ -311,16 +571,40 @@ def _fake_erasers(transformer: nn.Module, rank: int, mode) -> object:
     return erasers
 
 
-def device_weight_bytes(transformer: nn.Module, swap: int = 0, depth: int | None = None) -> int:
-    """Transformer bytes on the device at `depth` blocks (default: the model's own), from identical blocks.
-    `swap` streamed blocks are replaced by BlockOffloader's slots (two, or one per streamed block when fewer),
-    each the size of a block's flat buffer (`aligned_bytes` per tensor)."""
-    blocks = transformer.transformer_blocks
-    depth = depth or len(blocks)
-    outside = tensor_bytes(transformer) - sum(tensor_bytes(block) for block in blocks)
-    slot = sum(aligned_bytes(t) for t in _unique([*blocks[0].parameters(), *blocks[0].buffers()]))
-    swap = min(swap, depth)
-    return outside + (depth - swap) * tensor_bytes(blocks[0]) + min(swap, 2) * slot
+def block_sizes(transformer: nn.Module, counts: tuple[int, ...] | None = None, flat: bool = False) -> list[int]:
+    """Bytes of every repeated block in execution order at `counts` blocks per stack (default: the model's own),
+    from each stack's first block (blocks of a stack are identical). `flat`: the size of the block's flat buffer in
+    BlockOffloader (`aligned_bytes` per tensor) instead of its tensor bytes."""
+    from .families import family_of
+
+    family = family_of(transformer)
+    stacks = [getattr(transformer, name) for name in (family.stacks or (family.blocks,))]
+    counts = counts or tuple(len(stack) for stack in stacks)
+    sizes = []
+    for stack, count in zip(stacks, counts):
+        if count == 0:
+            continue
+        block = stack[0]
+        size = (sum(aligned_bytes(t) for t in _unique([*block.parameters(), *block.buffers()])) if flat
+                else tensor_bytes(block))
+        sizes += [size] * count
+    return sizes
+
+
+def device_weight_bytes(transformer: nn.Module, swap: int = 0, depth: int | None = None,
+                        counts: tuple[int, ...] | None = None) -> int:
+    """Transformer bytes on the device at `counts` blocks per stack (or `depth` blocks of a one-stack model;
+    default: the model's own), from identical blocks per stack. The first `swap` blocks in execution order are
+    streamed and replaced by BlockOffloader's slots (two, or one per streamed block when fewer), each the size of
+    the largest streamed block's flat buffer (`aligned_bytes` per tensor)."""
+    if counts is None and depth is not None:
+        counts = (depth,)
+    own = block_sizes(transformer)
+    outside = tensor_bytes(transformer) - sum(own)
+    sizes, flat = block_sizes(transformer, counts), block_sizes(transformer, counts, flat=True)
+    swap = min(swap, len(sizes))
+    slot = max(flat[:swap], default=0)
+    return outside + sum(sizes[swap:]) + min(swap, 2) * slot
 
 
 def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -334,40 +618,78 @@ class Predictor:
     materialises a dequantised weight and saves only the int8 weight, so an int8 step's activations equal
     quantize none's and one simulation serves both; "int8" (the PyTorch path, used without Triton)
     dequantises each weight transiently, so its steps are simulated with int8 blocks of their own.
+
+    `facts` says which transformer class `config` is for (CogVideoX by default) and what its pipeline feeds it.
+    A model with several stacks of blocks (HunyuanVideo: dual- then single-stream) is simulated at 2 blocks per
+    stack and, per stack, at 3 of that stack's blocks; each stack's per-block term is extrapolated to its depth.
+    `text_config`: the text encoders (see stages.text_encoders; a dict is a T5 padded to the transformer's text
+    length).
     """
 
     def __init__(self, config: dict, video: VideoConfig, rank: int, loss: LossConfig,
                  dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton",
-                 text_config: dict | None = None, vae_config: dict | None = None, speeds: Speeds = Speeds(),
-                 offload_min_bytes: int | None = None):
+                 text_config=None, vae_config: dict | None = None, speeds: Speeds = Speeds(),
+                 offload_min_bytes: int | None = None, facts: ModelFacts = ModelFacts()):
         if int8_backend not in ("triton", "int8"):
             raise PlanError(f"int8_backend must be 'triton' or 'int8', got {int8_backend!r}")
         self.config, self.video, self.rank, self.loss, self.dtype = config, video, rank, loss, dtype
         self.int8_backend = int8_backend
-        self.text_config, self.vae_config = text_config, vae_config
+        self.facts, self.arch = facts, ARCHITECTURES[facts.transformer_class]
+        self.text_length = self.arch.text_length(config)
+        self.text_config = text_encoders(text_config, self.text_length)
+        self.vae_config = vae_config
         self.speeds = speeds
         # activation offload leaves smaller saved tensors alone (activation_offload.MIN_BYTES unless given)
         self.offload_options = {} if offload_min_bytes is None else {"min_bytes": offload_min_bytes}
-        self.depth = config.get("num_layers", 30)
-        self._steps: dict[tuple[str, bool, int, int], Prediction] = {}
-        self._weights: dict[tuple[str, str], int] = {}
-        self._forwards: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self.counts = self.arch.counts(config)
+        self.depth = sum(self.counts)
+        self._steps: dict[tuple, Prediction] = {}
+        self._weights: dict[tuple[str, int], int] = {}
+        self._forwards: dict[tuple, tuple[int, int]] = {}
         self._cached: dict[tuple, object] = {}
 
-    def simulate(self, setting: Setting, layers: int) -> Prediction:
-        """One training step of a `layers`-block copy of the model on fake CPU tensors (weights not counted)."""
+    # -- the simulated copies and the extrapolation to the real depth --------------------------------------------
+    def _points(self, setting: Setting | None = None) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], int]]]:
+        """(base counts, [(counts with one stack one block deeper, how many times its difference counts)]): the
+        real counts alone when every stack is at most SIM_DEPTHS[1] deep.
+
+        With activation offload one block more: backward holds the inputs of the block it recomputes and of the
+        one before (prefetched), so the per-block slope only settles from 3 blocks on (Wan2.1-14B: 2 -> 3 blocks
+        +0.31 GiB, 3 -> 4 +0.01 GiB; a (2, 3) extrapolation over-predicted 40 blocks by 11 GiB)."""
+        low, high = SIM_DEPTHS
+        if setting is not None and setting.offload_activations:
+            low, high = low + 1, high + 1
+        if all(n <= high for n in self.counts):
+            return self.counts, []
+        base = tuple(min(n, low) for n in self.counts)
+        points = []
+        for k, n in enumerate(self.counts):
+            if n > base[k]:  # this stack one block deeper; its difference counts once per further block
+                points.append((tuple(b + 1 if j == k else b for j, b in enumerate(base)), n - base[k]))
+        return base, points
+
+    def _build(self, setting: Setting, counts: tuple[int, ...]) -> nn.Module:
+        return build_transformer(self.config, setting, self.dtype, self.facts.transformer_class,
+                                 **dict(zip(self.arch.stack_keys, counts)))
+
+    def _inputs(self, transformer: nn.Module, batch: int) -> StepInputs:
+        return step_inputs(transformer, self.video, batch, self.dtype, facts=self.facts)
+
+    def simulate(self, setting: Setting, layers) -> Prediction:
+        """One training step of a copy of the model with `layers` blocks (per stack: an int for one-stack models)
+        on fake CPU tensors (weights not counted)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
+        counts = (layers,) if isinstance(layers, int) else tuple(layers)
         quantize = "int8" if setting.quantize == "int8" and self.int8_backend == "int8" else "none"
-        key = (quantize, setting.checkpointing, setting.offload_activations, setting.batch, layers)
+        key = (quantize, setting.checkpointing, setting.offload_activations, setting.batch, counts)
         if key not in self._steps:
             with FakeTensorMode() as mode:
-                transformer = build_transformer(self.config, replace(setting, quantize=quantize), self.dtype,
-                                                num_layers=layers)
+                transformer = self._build(replace(setting, quantize=quantize), counts)
             erasers = _fake_erasers(transformer, self.rank, mode)
             erasers.kernels = "torch"  # the Triton kernels cannot run on fake tensors
             with mode:
-                inputs = step_inputs(transformer, self.video, setting.batch, self.dtype)
+                inputs = self._inputs(transformer, setting.batch)
                 offloader = offload_activations(setting.offload_activations, "cpu", mode="simulate",
                                                 **self.offload_options)
                 step_peak, flops = measure_step(transformer, erasers, inputs, self.loss, activations=offloader)
@@ -382,22 +704,36 @@ class Predictor:
         if setting.batch > 2:
             one, two = (self.predict(replace(setting, batch=b)) for b in (1, 2))
             return _extrapolate(one, two, setting.batch - 1, setting)
-        if self.depth <= max(SIM_DEPTHS):
-            step = self.simulate(setting, self.depth)
-        else:
-            low, high = (self.simulate(setting, d) for d in SIM_DEPTHS)
-            step = _extrapolate(low, high, self.depth - SIM_DEPTHS[0], setting)
+        base, points = self._points(setting)
+        step = self.simulate(setting, base)
+        for counts, steps in points:
+            step = _add_difference(step, self.simulate(setting, base), self.simulate(setting, counts), steps)
         return replace(step, weights=self.weights(setting))
 
+    def _stack_compute(self, setting: Setting) -> list[float]:
+        """Each block's share of the step's compute, in execution order (1.0 each for identical blocks), from each
+        stack's per-block FLOPs in the simulated copies."""
+        base, points = self._points(setting)
+        if len(self.counts) == 1 or not points:
+            return [1.0] * self.depth
+        reference = self.simulate(setting, base).flops
+        per_block = {}
+        for counts, _ in points:
+            k = next(j for j, (a, b) in enumerate(zip(counts, base)) if a != b)
+            per_block[k] = (self.simulate(setting, counts).flops - reference) / (counts[k] - base[k])
+        shares = [per_block.get(k, 0.0) for k, n in enumerate(self.counts) for _ in range(n)]
+        mean = sum(shares) / len(shares)
+        return [share / mean for share in shares] if mean > 0 else [1.0] * self.depth
+
     def weights(self, setting: Setting) -> int:
-        """Device weight bytes of the setting, from a 1-block fake model."""
+        """Device weight bytes of the setting, from a fake model with 1 block per stack."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         key = (setting.quantize, setting.swap)
         if key not in self._weights:
             with FakeTensorMode():
-                transformer = build_transformer(self.config, setting, self.dtype, num_layers=1)
-                self._weights[key] = device_weight_bytes(transformer, setting.swap, self.depth)
+                transformer = self._build(setting, tuple(1 for _ in self.counts))
+                self._weights[key] = device_weight_bytes(transformer, setting.swap, counts=self.counts)
         return self._weights[key]
 
     def _passes(self, setting: Setting) -> tuple[int, int, int]:
@@ -413,7 +749,8 @@ class Predictor:
         swap = min(setting.swap, self.depth)
         passes = frozen + student + (student if setting.checkpointing else 0)
         copies = max(0, passes * swap - 4 * student) if swap > 2 else 0
-        return copies * self._blocks_bytes(setting) // self.depth + 2 * self.predict(setting).offloaded
+        streamed = sum(self._block_sizes(setting)[:swap])
+        return (copies * streamed // swap if swap else 0) + 2 * self.predict(setting).offloaded
 
     def step_seconds(self, setting: Setting, speeds: Speeds) -> float:
         """Predicted seconds per training step: compute at `speeds.tflops`, streamed block weights and offloaded
@@ -422,26 +759,32 @@ class Predictor:
 
         A step is F frozen forwards, S student forwards and, with checkpointing, S recomputation+backward passes
         of every block (3 forward-equivalents each: recompute, input grad, adapter grad); the FLOPs counted in
-        the simulated step are spread over those passes and blocks. A streamed block is copied in every pass
-        (host -> device); offloaded activations go device -> host in the student forwards (the other direction
-        of the link) and come back host -> device in the backward passes, beside that pass's weight copies."""
+        the simulated step are spread over those passes and blocks (by each stack's per-block FLOPs). A streamed
+        block is copied in every pass (host -> device); offloaded activations go device -> host in the student
+        forwards (the other direction of the link) and come back host -> device in the backward passes, beside
+        that pass's weight copies."""
         step = self.predict(setting)
         frozen, student, backward_units = self._passes(setting)
         units = frozen + student + backward_units * student
         per_unit = step.flops / (speeds.tflops * 1e12) / units / self.depth  # one block, one forward-equivalent
         bandwidth = speeds.h2d_gbps * 1e9
-        block = self._blocks_bytes(setting) / self.depth / bandwidth if setting.swap > 2 else 0.0
+        swapped = min(setting.swap, self.depth)
+        sizes = self._block_sizes(setting)
         activations = step.offloaded / student / self.depth / bandwidth  # one block's saved inputs, one pass
-        swapped, resident = min(setting.swap, self.depth), self.depth - min(setting.swap, self.depth)
+        shares = self._stack_compute(setting)
         seconds = 0.0
-        for passes, compute, weights, down, up in (
-            (frozen, per_unit, block, 0.0, 0.0),
-            (student, per_unit, block, activations, 0.0),
-            (student, backward_units * per_unit, block, 0.0, activations),
+        for passes, units_per_pass, down, up in (
+            (frozen, 1, 0.0, 0.0),
+            (student, 1, activations, 0.0),
+            (student, backward_units, 0.0, activations),
         ):
-            seconds += passes * (swapped * max(compute, weights + up, down) + resident * max(compute, up, down))
+            total = 0.0
+            for i, share in enumerate(shares):
+                compute = units_per_pass * per_unit * share
+                weights = sizes[i] / bandwidth if (i < swapped and setting.swap > 2) else 0.0
+                total += max(compute, weights + up, down) if i < swapped else max(compute, up, down)
+            seconds += passes * total
         return seconds
-
 
     def _memo(self, key: tuple, make):
         if key not in self._cached:
@@ -453,45 +796,56 @@ class Predictor:
 
     def forward_peak(self, setting: Setting, batch: int) -> tuple[int, int]:
         """(activation peak, input bytes) of one no-grad transformer forward at `batch` (a sampling step; with
-        classifier-free guidance the caller doubles the batch), extrapolated to the real depth like the step.
-        Simulated without adapters: in a no-grad pass an adapter's output is one [tokens, dim] tensor, freed as
-        the block goes on (trajectory sampling runs with them on; x0 generation and infer with them off)."""
+        batched classifier-free guidance the caller doubles the batch), extrapolated to the real depth like the
+        step. Simulated without adapters: in a no-grad pass an adapter's output is one [tokens, dim] tensor, freed
+        as the block goes on (trajectory sampling runs with them on; x0 generation and infer with them off)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         quantize = self._int8_simulated(setting)
+        base, points = self._points()
         peaks, inputs_bytes = {}, 0
-        for layers in (SIM_DEPTHS if self.depth > max(SIM_DEPTHS) else (self.depth,)):
-            key = (quantize, batch, layers)
+        for counts in [base, *(c for c, _ in points)]:
+            key = (quantize, batch, counts)
             if key not in self._forwards:
                 with FakeTensorMode():
-                    transformer = build_transformer(self.config, Setting(quantize, False), self.dtype, num_layers=layers)
-                    inputs = step_inputs(transformer, self.video, batch, self.dtype)
+                    transformer = self._build(Setting(quantize, False), counts)
+                    inputs = self._inputs(transformer, batch)
                     with torch.no_grad(), LiveTensorTracker() as tracker:
-                        velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+                        self.arch.velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
                 self._forwards[key] = (tracker.peak_bytes, inputs.nbytes)
-            peaks[layers], inputs_bytes = self._forwards[key]
-        return extrapolate_depth(peaks, self.depth), inputs_bytes
+            peaks[counts], inputs_bytes = self._forwards[key]
+        peak = peaks[base] + sum(steps * (peaks[counts] - peaks[base]) for counts, steps in points)
+        return peak, inputs_bytes
 
-    def _blocks_bytes(self, setting: Setting) -> int:
+    def _block_sizes(self, setting: Setting) -> list[int]:
+        """Every block's flat-buffer bytes (what streaming copies and pins), in execution order."""
         def make():
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             with FakeTensorMode():
-                transformer = build_transformer(self.config, replace(setting, swap=0), self.dtype, num_layers=1)
-                return self.depth * sum(aligned_bytes(t) for t in _unique(
-                    [*transformer.transformer_blocks[0].parameters(), *transformer.transformer_blocks[0].buffers()]))
+                transformer = self._build(replace(setting, swap=0), tuple(1 for _ in self.counts))
+                return block_sizes(transformer, self.counts, flat=True)
         return self._memo(("blocks", setting.quantize), make)
+
+    def _blocks_bytes(self, setting: Setting) -> int:
+        return sum(self._block_sizes(setting))
+
+    @property
+    def sampling_batch_factor(self) -> int:
+        """How many times the batch a CFG sampling forward runs at (2: CFG batched; 1: separate or no CFG)."""
+        return 2 if self.arch.cfg_batched else 1
 
     def process(self, setting: Setting, run: "RunSpec", budget: int) -> "ProcessPrediction":
         """Every stage of `lowmem-eraser train` with this setting: text encoding (GPU or CPU), loading, x0
         generation or trajectory sampling, the training step."""
         step = self.predict(setting)
         adapters = step.adapter_state // 3  # fp32 adapters; AdamW's two moments exist from the loop on
-        seq_len = self.config.get("max_text_seq_length", 226)
-        text_dim = self.config.get("text_embed_dim", 4096)
+        seq_len = self.text_length
+        text_dim = self.arch.text_dim(self.config)
         embeddings = (2 * run.prompts + 1) * seq_len * text_dim * self.dtype.itemsize  # kept on the CPU
         # the streamed blocks' pinned host buffers (CUDA's host allocator rounds each up to a power of two)
-        streamed = pinned_allocation_bytes(self._blocks_bytes(setting) // self.depth) * min(setting.swap, self.depth)
+        streamed = sum(pinned_allocation_bytes(size) for size in self._block_sizes(setting)[:min(setting.swap,
+                                                                                                  self.depth)])
         host = streamed + embeddings
         prompts = 2 * run.prompts + 1  # targets, their twins and "": what text.py encodes
         text_on_gpu = self._memo(("text", prompts, True), lambda: text_stage(
@@ -501,38 +855,41 @@ class Predictor:
             self.text_config, prompts, seq_len, self.dtype, on_gpu=False))]
         full = self.weights(Setting("none", False))
         if run.blockwise_load:  # streamed blocks stay on the host; the others pass through one at a time
-            one_block = self._blocks_bytes(Setting("none", False)) // self.depth
-            loading = full - self.depth * one_block + one_block + streamed
+            sizes = self._block_sizes(Setting("none", False))
+            loading = full - sum(sizes) + max(sizes) + streamed
             stages.append(Stage("loading the transformer", 0, loading,
                                 "block by block from the safetensors: one full-precision block in host RAM"))
         else:
             stages.append(Stage("loading the transformer", 0, full,
                                 "read in full precision on the CPU, then quantised and moved"))
-        cfg = 2 if run.cfg else 1
+        cfg = self.sampling_batch_factor if run.cfg else 1
+        cfg_note = self.arch.cfg_note if run.cfg else ""
         if run.sampling == "renoise":
             peak, inputs = self.forward_peak(setting, cfg * run.sampling_batch)
             stages.append(Stage("x0 generation", step.weights + adapters + peak + inputs, host,
-                                f"no-grad forward at batch {cfg * run.sampling_batch} (CFG)"))
+                                f"no-grad forward at batch {cfg * run.sampling_batch} {cfg_note}".rstrip()))
         else:
             peak, inputs = self.forward_peak(setting, cfg * setting.batch)
             stages.append(Stage("trajectory sampling", step.weights + 3 * adapters + peak + inputs, host,
-                                f"no-grad forward at batch {cfg * setting.batch} (CFG), in the loop"))
+                                f"no-grad forward at batch {cfg * setting.batch} {cfg_note}".rstrip() +
+                                ", in the loop"))
         stages.append(Stage("training step", step.peak, host + step.pinned,
                             "teacher + student passes, backward"))
         return ProcessPrediction(step, stages, on_gpu, self.step_seconds(setting, self.speeds),
                                  self.moved_bytes(setting))
 
     def infer(self, budget: int) -> "InferPrediction":
-        """`lowmem-eraser infer` (bf16 weights, CFG batch 2): the fastest pipeline offload and VAE decode
-        that fit `budget`; sequential offload when nothing else does."""
-        seq_len = self.config.get("max_text_seq_length", 226)
+        """`lowmem-eraser infer` (bf16 weights, CFG batched where the pipeline batches it): the fastest pipeline
+        offload and VAE decode that fit `budget`; sequential offload when nothing else does."""
+        seq_len = self.text_length
         text = self._memo(("text", 2, True), lambda: text_stage(self.text_config, 2, seq_len, self.dtype, True))
         t5_weights = text.host
         t5_act = text.gpu - t5_weights
         transformer = self.weights(Setting("none", False))
-        peak, inputs = self.forward_peak(Setting("none", False), 2)
-        shape = (1, self.config.get("in_channels", 16), latent_frames(self.video.frames),
-                 self.video.height // 8, self.video.width // 8)
+        peak, inputs = self.forward_peak(Setting("none", False), self.sampling_batch_factor)
+        scale = self.facts.vae_scale
+        shape = (1, (self.vae_config or {}).get("z_dim", self.config.get("in_channels", 16)),
+                 latent_frames(self.video.frames), self.video.height // scale, self.video.width // scale)
         phases = [("text encoding", t5_weights, t5_act), ("denoising", transformer, peak + inputs)]
         vae = self.vae_config
         vae_w = self._memo(("vae",), lambda: vae_bytes(vae, self.dtype)) if vae is not None else 0
@@ -554,7 +911,7 @@ class Predictor:
             if option.needs <= budget:
                 return option
         # Sequential offload streams every sub-module's weights: about one transformer block on the GPU at a time.
-        block = self._blocks_bytes(Setting("none", False)) // self.depth
+        block = max(self._block_sizes(Setting("none", False)))
         leanest = min(options, key=lambda o: o.needs)
         phase_weights = [w for _, w, _ in phases] + [vae_w]
         stages = [replace(stage, gpu=stage.gpu - w + block) for stage, w in zip(leanest.stages, phase_weights)]
@@ -618,11 +975,19 @@ class InferPrediction:
         return max(stage.needs for stage in self.stages)
 
 
+_FIELDS = ("weights", "adapter_state", "inputs", "step_peak", "flops", "offloaded", "pinned")
+
+
 def _extrapolate(a: Prediction, b: Prediction, steps: int, setting: Setting) -> Prediction:
     """a + steps·(b − a), field by field."""
-    fields = ("weights", "adapter_state", "inputs", "step_peak", "flops", "offloaded", "pinned")
-    values = {name: getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)) for name in fields}
+    values = {name: getattr(a, name) + steps * (getattr(b, name) - getattr(a, name)) for name in _FIELDS}
     return Prediction(setting, **values)
+
+
+def _add_difference(total: Prediction, a: Prediction, b: Prediction, steps: int) -> Prediction:
+    """total + steps·(b − a), field by field (one stack's per-block term added to a multi-stack prediction)."""
+    values = {name: getattr(total, name) + steps * (getattr(b, name) - getattr(a, name)) for name in _FIELDS}
+    return Prediction(total.setting, **values)
 
 
 @dataclass
@@ -641,6 +1006,7 @@ class Plan:
     configured: ProcessPrediction | None = None  # the --config's own memory setting
     depth: int = 30
     speeds: Speeds = Speeds()
+    text_name: str = "T5"  # the text encoder(s), as the tables name them
 
 
 @dataclass
@@ -649,14 +1015,29 @@ class ModelSpec:
 
     name: str
     transformer: dict
-    text_encoder: dict | None
+    text_encoder: object  # a T5 config dict, a tuple of stages.TextEncoder, or None
     vae: dict | None
+    facts: ModelFacts = field(default_factory=ModelFacts)
+
+    @property
+    def depth(self) -> int:
+        """Repeated blocks across every stack (HunyuanVideo: 20 dual- + 40 single-stream)."""
+        return sum(ARCHITECTURES[self.facts.transformer_class].counts(self.transformer))
+
+
+def _folder_text_encoders(model: str | Path, config: dict, facts: ModelFacts):
+    """A local folder's text encoders: text_encoder/ (and HunyuanVideo's text_encoder_2/), or None."""
+    return text_encoder_config(model, False, ARCHITECTURES[facts.transformer_class].text_length(config))
 
 
 def model_spec(model: str | Path) -> ModelSpec:
     config, name = transformer_config(model)
-    preset = preset_name(model) is not None
-    return ModelSpec(name, config, text_encoder_config(model, preset), vae_config(model, preset))
+    preset = preset_name(model)
+    facts = model_facts(model)
+    if preset is not None:
+        p = MODEL_PRESETS[preset]
+        return ModelSpec(name, config, p.text, dict(p.vae), facts)
+    return ModelSpec(name, config, _folder_text_encoders(model, config, facts), vae_config(model, False), facts)
 
 
 def fewest_streamed(predictor: "Predictor", setting: Setting, run: RunSpec, budget: int) -> int | None:
@@ -704,7 +1085,7 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
     began = time.perf_counter()
     spec = model_spec(model)
     predictor = Predictor(spec.transformer, video, rank, loss, dtype, text_config=spec.text_encoder,
-                          vae_config=spec.vae, speeds=speeds)
+                          vae_config=spec.vae, speeds=speeds, facts=spec.facts)
     candidates = rung_candidates(predictor, run, budget, batch)
     pick = fastest_fit(candidates, budget)
     if pick is not None:
@@ -717,18 +1098,19 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
             batch += 1
     infer = predictor.infer(budget)
     own = predictor.process(configured, run, budget) if configured is not None else None
+    text_name = "+".join(e.name.split("-")[0] for e in predictor.text_config) or "text"
     return Plan(spec.name, video, rank, loss, budget, candidates, pick, time.perf_counter() - began, run, infer,
-                dtype, own, predictor.depth, speeds)
+                dtype, own, predictor.depth, speeds, text_name)
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def _stage_lines(title: str, process: ProcessPrediction, budget: int) -> list[str]:
+def _stage_lines(title: str, process: ProcessPrediction, budget: int, text_name: str = "T5") -> list[str]:
     verdict = "fits" if process.fits(budget) else "does not fit: " + ", ".join(
         f"{stage.name} needs {_gib(extra)} GiB more" for stage, extra in process.over(budget))
-    lines = [f"{title} ({process.setting.label}, batch {process.setting.batch}, T5 on the "
+    lines = [f"{title} ({process.setting.label}, batch {process.setting.batch}, {text_name} on the "
              f"{'GPU' if process.text_on_gpu else 'CPU'}; {verdict}), GiB:",
              f"  {'stage':<24} {'GPU peak':>8} {'needs':>8} {'host':>8}  detail"]
     for stage in process.stages:
@@ -755,7 +1137,7 @@ def format_plan(plan: Plan) -> str:
         "copies overlapped with each block's compute (--tflops, --h2d-gbps: state your GPU's)",
         "",
         f"{'quantize':<8} {'ckpt':<4} {'swap':>5} {'act->CPU':<8} {'batch':>5} {'weights':>8} {'step':>8} "
-        f"{'step peak':>9} {'T5 on':>5} {'process needs':>13} {'host RAM':>8} {'TFLOP/step':>10} {'GB moved':>8} "
+        f"{'step peak':>9} {'text':>5} {'process needs':>13} {'host RAM':>8} {'TFLOP/step':>10} {'GB moved':>8} "
         f"{'s/step':>7}  fits",
     ]
     for c in plan.candidates:
@@ -772,9 +1154,10 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     shown = plan.pick or min((c for c in plan.candidates if c.setting.batch == plan.candidates[0].setting.batch),
                              key=lambda c: c.needs)
-    lines += _stage_lines(f"stages of {'the pick' if plan.pick else 'the leanest setting'}", shown, plan.budget)
+    lines += _stage_lines(f"stages of {'the pick' if plan.pick else 'the leanest setting'}", shown, plan.budget,
+                          plan.text_name)
     if plan.configured is not None:
-        lines += _stage_lines("stages of the config's own setting", plan.configured, plan.budget)
+        lines += _stage_lines("stages of the config's own setting", plan.configured, plan.budget, plan.text_name)
     lines.append("  (host: tensor bytes; the Python process itself adds ~1-3 GiB of libraries and CUDA state)")
     lines.append("")
     if plan.pick is None:
@@ -798,7 +1181,8 @@ def format_plan(plan: Plan) -> str:
                      f"needs GiB: {stages})")
     lines.append(
         f"planned in {plan.seconds:.1f} s: steps and forwards simulated under FakeTensorMode on {SIM_DEPTHS[0]}- and "
-        f"{SIM_DEPTHS[1]}-block copies and extrapolated to the full depth (activation offload simulated in the step); "
+        f"{SIM_DEPTHS[1]}-block copies (with activation offload, simulated in the step: {SIM_DEPTHS[0] + 1}- and "
+        f"{SIM_DEPTHS[1] + 1}-block) and extrapolated to the full depth; "
         "streamed blocks modelled analytically (N blocks -> 2 slots); batch > 2 extrapolated linearly"
     )
     return "\n".join(lines)
@@ -821,12 +1205,12 @@ def write_config(plan: Plan, model: str | Path, path: str | Path, base: TrainCon
         kernels=base.memory.kernels if base else "auto",
         text_encoder=plan.run.text_encoder,  # auto re-checks the free memory at run time
     )
-    preset = preset_name(model) is not None
+    preset = preset_name(model)
     if base is not None:
         config = replace(base, memory=memory)
     else:
         config = TrainConfig(
-            model=Path(f"models/{plan.model.replace('cogvideox', 'CogVideoX')}") if preset else Path(model),
+            model=Path(f"models/{MODEL_PRESETS[preset].folder}") if preset else Path(model),
             prompts=Path("configs/prompts/nudity_sample.csv"),
             concept="nudity",
             output_dir=Path(f"runs/{Path(plan.model).name}-nudity"),
@@ -850,11 +1234,14 @@ def write_config(plan: Plan, model: str | Path, path: str | Path, base: TrainCon
     return path
 
 
-def plan_defaults(config_path: str | None) -> dict:
+def plan_defaults(config_path: str | None, model: str | None = None) -> dict:
     """The planned quantities, from a train YAML (read without checking that its files exist: planning happens
-    before the model is downloaded) or the built-in defaults (the published setting at 49x480x720, beta 0.5).
-    `config` is the parsed TrainConfig (None without one): `--config-out` starts from it."""
-    defaults = dict(model=None, frames=49, height=480, width=720, rank=128, alpha=1.0, beta=0.5,
+    before the model is downloaded) or the built-in defaults (the published setting, beta 0.5, at the preset's
+    default video: 49x480x720 for CogVideoX and for a folder). `config` is the parsed TrainConfig (None without
+    one): `--config-out` starts from it."""
+    preset = preset_name(model)
+    frames, height, width = MODEL_PRESETS[preset].video if preset else (49, 480, 720)
+    defaults = dict(model=None, frames=frames, height=height, width=width, rank=128, alpha=1.0, beta=0.5,
                     sampling="renoise", sampling_batch=1, cfg=True, prompts=8, text_encoder="auto",
                     loss=LossConfig(alpha=1.0, beta=0.5), dtype="bfloat16", batch=1, config=None, blockwise_load=True)
     if config_path is None:

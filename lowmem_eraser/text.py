@@ -76,15 +76,16 @@ def encoder_device(placement: str, device: torch.device, model_dir: Path, prompt
                    dtype: torch.dtype) -> torch.device:
     """Where the encoder runs (`memory.text_encoder`): `cpu`, `cuda` (the training device), or `auto`: the
     training device when its free memory holds the encoder and one batch's activations (predicted as
-    `lowmem-eraser plan` does, allocator slack included), else the CPU. T5-XXL alone is ~9 GiB in bf16: on an
-    8 GB card it would end the run before training starts; on the CPU it runs once and is cached."""
+    `lowmem-eraser plan` does, allocator slack included), else the CPU. T5-XXL alone is ~9 GiB in bf16 (UMT5-XXL
+    10.6, LLaMA-3-8B + CLIP 14.2): on an 8 GB card it would end the run before training starts; on the CPU it
+    runs once and is cached."""
     if device.type != "cuda" or placement == "cpu":
         return torch.device("cpu")
     if placement == "cuda":
         return device
     from .stages import ALLOCATOR_SLACK, text_encoder_config, text_stage
 
-    config = text_encoder_config(model_dir, preset=False)
+    config = text_encoder_config(model_dir, preset=False, seq_len=max_length)
     stage = text_stage(config, prompts, max_length, dtype, on_gpu=True)
     free, _ = torch.cuda.mem_get_info(device)
     needed = int(stage.gpu * (1 + ALLOCATOR_SLACK))

@@ -294,3 +294,47 @@ def test_counters_reset_keeps_the_pool():
     counters = OffloadCounters(bytes_to_host=5, host_pool_bytes=7, offloaded=1)
     counters.reset()
     assert counters == OffloadCounters(host_pool_bytes=7)
+
+
+def test_a_tensor_every_block_saves_does_not_bring_the_first_block_back_early():
+    """Wan's blocks all save the same text states (one host copy, saved again after every block's input). Unpacking
+    it must not prefetch its pack-order neighbour, the first block's input, at the start of backward: that kept
+    one more hidden state on the device through the whole backward. With it fixed, the offloaded peak is flat in
+    depth from 3 blocks on (backward holds the input it recomputes and the prefetched one before it)."""
+    from diffusers import WanTransformer3DModel
+
+    def wan_student(layers):
+        torch.manual_seed(0)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=24, freq_dim=16, ffn_dim=64, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32,
+        ).requires_grad_(False)
+        transformer.enable_gradient_checkpointing()
+        erasers = attach_erasers(transformer, rank=RANK)
+        randomize_erasers(erasers)
+        erasers.kernels = "torch"
+        return transformer, erasers
+
+    peaks, most = {}, {}
+    hidden_shape = (1, 48, 32)  # a block input: 48 video tokens x dim 32
+    for layers in (3, 4, 6):
+        transformer, erasers = wan_student(layers)
+        inputs = step_inputs(transformer, VIDEO, 1, torch.float32)
+        offload = offload_activations(True, CPU, mode="emulate", min_bytes=7 * 32 * 4)  # text states and larger
+        fetch, counts = offload._fetch, []
+
+        def counting_fetch(entry, fetch=fetch, counts=counts):
+            on_device = [e for e in (ref() for ref in entry.step.order) if e is not None and e.shape == hidden_shape
+                         and e is not entry and (e.prefetched is not None or e.resident())]
+            counts.append(len(on_device) + (entry.shape == hidden_shape))
+            return fetch(entry)
+
+        offload._fetch = counting_fetch
+        peaks[layers] = step(transformer, erasers, inputs, offload, LossConfig(alpha=1.0, beta=0.0))[2]
+        most[layers] = max(counts)
+        assert offload.counters.shared >= layers - 1  # the text states: packed once, saved by every block
+    hidden = 48 * 32 * 4  # one block input: 48 video tokens x dim 32, fp32
+    adapter_grads = sum(p.numel() * p.element_size() for p in erasers.values()[0].parameters())
+    print(f"offloaded peaks {peaks}; one hidden state {hidden} B; block inputs on the device at most {most}")
+    assert all(n <= 2 for n in most.values())  # the one recomputed and the one before it, at any depth
+    assert (peaks[6] - peaks[4]) / 2 <= adapter_grads + 0.01 * hidden  # nothing per block but its adapter grads

@@ -87,7 +87,8 @@ def test_relative_paths_are_kept_as_given(config_file, monkeypatch):
         ({"loss.anchor": "blue"}, "loss.anchor: expected one of empty, preservation; got 'blue'"),
         ({"sampling.batch_size": 0}, "sampling.batch_size: expected a value > 0, got 0"),
         ({"loss.mask_threshold": 1.5}, "loss.mask_threshold: expected a value in [0, 1], got 1.5"),
-        ({"video.frames": 48}, "video.frames: expected 8k+1 frames (e.g. 49), got 48"),
+        ({"video.frames": 48}, "video.frames: expected 4k+1 frames (e.g. 49, 81), got 48"),
+        ({"video.frames": 45}, "video.frames: expected 8k+1 frames for CogVideoX (e.g. 49), got 45"),
         ({"video.height": 470}, "video.height: expected a positive multiple of 16, got 470"),
         ({"video.width": 700}, "video.width: expected a positive multiple of 16, got 700"),
         ({"sampling.mode": "noise"}, "sampling.mode: expected one of renoise, trajectory; got 'noise'"),
@@ -348,10 +349,8 @@ def test_streaming_more_blocks_than_the_model_has_is_refused(config_file):
 
 
 @pytest.mark.parametrize("class_name, message", [
-    ("HunyuanVideoTransformer3DModel", "model: .* holds a HunyuanVideo transformer; training and generation are "
-                                       "implemented for CogVideoX, Wan so far"),
     ("UNet2DConditionModel", "config.json: UNet2DConditionModel is not a supported transformer; supported "
-                             "families: CogVideoX"),
+                             "families: CogVideoX .*, HunyuanVideo .*, Wan"),
 ])
 def test_a_model_of_another_family_is_refused_before_any_work(config_file, class_name, message):
     (config_file.parent / "model" / "transformer" / "config.json").write_text(json.dumps({"_class_name": class_name}))

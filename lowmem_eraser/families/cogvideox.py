@@ -19,6 +19,7 @@ class CogVideoXRuntime(Runtime):
     vae_class = "AutoencoderKLCogVideoX"
     text_length = 226
     fps = 8
+    frame_step = 8  # 8k+1 frames (49): what the published models were trained and are sampled at
 
     def max_text_length(self, transformer_config: dict) -> int:
         return transformer_config.get("max_text_seq_length", self.text_length)

@@ -29,6 +29,7 @@ class Runtime:
     # The pipeline's text components ("tokenizer", "text_encoder"[, "tokenizer_2", "text_encoder_2"]):
     # sub-folders of a model folder, constructor arguments of the pipeline.
     text_modules: tuple[str, ...] = ("tokenizer", "text_encoder")
+    frame_step: int = 4  # videos have frame_step·k + 1 frames (the VAE compresses time by 4)
 
     def max_text_length(self, transformer_config: dict) -> int:
         """Tokens every prompt is padded to (the embeddings' L, the concept mask's width)."""
