@@ -289,6 +289,8 @@ def validate(config: TrainConfig) -> None:
     try:
         require_trainable(config.model, "model")
         family = family_of_folder(config.model)
+        if family is not None:
+            family.runtime.check_folder(config.model, "model")
     except LowmemEraserError as exc:
         raise ConfigError(str(exc)) from None
     # HunyuanVideo also needs tokenizer_2/ and text_encoder_2/ (CLIP)

@@ -68,6 +68,7 @@ def load_pipeline(model: str | Path, offload: str = "none"):
         transformer=from_pretrained_or_error(getattr(diffusers, runtime.transformer_class), model / "transformer",
                                              torch_dtype=dtype),
         scheduler=scheduler,
+        **runtime.folder_options(model),
     )
     if offload == "model":
         pipe.enable_model_cpu_offload()

@@ -32,7 +32,8 @@ def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None):
     compression; with `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x)."""
     import json
 
-    pipe = runtime_of(transformer).pipeline(transformer=transformer, scheduler=scheduler)
+    runtime = runtime_of(transformer)
+    pipe = runtime.pipeline(transformer=transformer, scheduler=scheduler, **runtime.folder_options(model_dir))
     try:
         vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text()) if model_dir is not None else {}
     except (OSError, ValueError):

@@ -169,6 +169,27 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
     return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre, "unlearn": unlearn, "loc": loc, "pre": pre}
 
 
+def warn_missing_concept(concept: str, prompts: list[str], concept_tokens: torch.Tensor, max_length: int) -> None:
+    """One warning naming the target prompts whose concept mask is empty: the concept is not in the prompt, or it
+    is but the family's max length (after its prompt template) cut it off."""
+    from .localization import concept_spans
+
+    missing = [prompt for prompt, row in zip(prompts, concept_tokens) if not row.any()]
+    if not missing:
+        return
+    cut = [p for p in missing if concept_spans(p, concept)]
+    absent = [p for p in missing if not concept_spans(p, concept)]
+    parts = []
+    if cut:
+        parts.append(f"cut off by the {max_length}-token text length: " + "; ".join(repr(p) for p in cut[:5])
+                     + (f" and {len(cut) - 5} more" if len(cut) > 5 else ""))
+    if absent:
+        parts.append("not in the prompt: " + "; ".join(repr(p) for p in absent[:5])
+                     + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
+    logger.warning("the concept %r has no tokens in %d of %d target prompts (their L_loc mask is empty), %s",
+                   concept, len(missing), len(prompts), "; ".join(parts))
+
+
 def cached(path: Path, make):
     """Load `path` if present, else build it with `make()` and write it atomically."""
     if path.is_file():
@@ -267,10 +288,8 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
         if validation.every > 0:  # encoded now: the text encoder is gone once training runs
             validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype, device,
                                                         out / "cache", placement=config.memory.text_encoder)
-        if loss_cfg.alpha > 0 and not text.concept_tokens.any(dim=1).all():
-            missing = int((~text.concept_tokens.any(dim=1)).sum())
-            logger.warning("the concept %r has no tokens in %d of %d target prompts", config.concept, missing,
-                           len(pairs))
+        if loss_cfg.alpha > 0:
+            warn_missing_concept(config.concept, [target for target, _ in pairs], text.concept_tokens, max_length)
 
         # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
         phase = "loading the transformer"

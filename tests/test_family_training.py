@@ -312,3 +312,62 @@ def test_sampling_latents_follow_the_vaes_compression_without_loading_it(wan_mod
         latents = _generate(pipe, text, text, VideoConfig(frames=9, height=64, width=64), sampling,
                             torch.Generator().manual_seed(0), torch.device("cpu"))
         assert latents.shape == (1, 4, 3, size, size)  # [B, C, F, H/s, W/s]
+
+
+def test_wan22_ti2v_timesteps_go_per_token_as_its_pipeline_passes_them(wan_model, tmp_path):
+    """model_index.json `expand_timesteps: true` (Wan2.2-TI2V-5B): the sampling pipeline gets it, and the
+    training passes give the transformer t for every video token, [B, tokens], as WanPipeline does; the values
+    equal the scalar-t call within fp32 rounding."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from lowmem_eraser.config import VideoConfig
+    from lowmem_eraser.sampling import make_pipeline, step_extras
+    from lowmem_eraser.train import velocity
+
+    folder = tmp_path / "model"
+    shutil.copytree(wan_model / "model", folder)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    transformer = WanTransformer3DModel.from_pretrained(folder / "transformer")
+    seen = []
+    transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"].shape), with_kwargs=True)
+    video = VideoConfig(frames=9, height=64, width=64)
+    pipes = {m: make_pipeline(transformer, FlowMatchEulerDiscreteScheduler(), m) for m in (wan_model / "model", folder)}
+    assert [bool(p.config.expand_timesteps) for p in pipes.values()] == [False, True]
+    x_t, t, text = torch.randn(2, 4, 3, 8, 8), torch.tensor([900.0, 300.0]), torch.randn(2, 12, 24)
+    with torch.no_grad():
+        plain, expanded = (velocity(transformer, x_t, t, text, step_extras(p, video, 4.0, "cpu")) for p in pipes.values())
+    assert seen == [(2,), (2, 3 * 4 * 4)]  # 3 latent frames x (8/2)^2 patches
+    assert (plain - expanded).abs().max() < 1e-5
+
+
+def test_a_two_expert_wan22_folder_is_refused_before_any_work(wan_model, tmp_path):
+    import shutil
+
+    from lowmem_eraser.config import ConfigError, load_config
+
+    root = tmp_path / "a14b"
+    shutil.copytree(wan_model, root)
+    shutil.copytree(root / "model" / "transformer", root / "model" / "transformer_2")
+    with pytest.raises(ConfigError, match="two-expert Wan2.2 model .* not implemented yet"):
+        load_config(make_config(root, tmp_path / "run"))
+
+
+def test_a_concept_cut_off_by_the_template_and_length_is_named_in_one_warning(models, caplog):
+    """HunyuanVideo's template comes first and the prompt is cut at max length after it: "red" as the 3rd word
+    of a prompt is gone at 2 tokens; the warning names that prompt, and apart from it one without the concept."""
+    from transformers import AutoTokenizer
+
+    from lowmem_eraser.train import warn_missing_concept
+
+    tokenizer = AutoTokenizer.from_pretrained(models("HunyuanVideo") / "model" / "tokenizer")
+    prompts = ["a red ball moving left", "a small red ball drifting right", "a blue ball moving left"]
+    tokens = HUNYUAN_VIDEO.runtime.concept_tokens(tokenizer, prompts, "red", 2)
+    assert tokens.tolist() == [[False, True], [False, False], [False, False]]
+    with caplog.at_level("WARNING"):
+        warn_missing_concept("red", prompts, tokens, 2)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "lowmem_eraser.train"]
+    assert "no tokens in 2 of 3 target prompts" in message
+    assert "cut off by the 2-token text length: 'a small red ball drifting right'" in message
+    assert "not in the prompt: 'a blue ball moving left'" in message

@@ -203,7 +203,9 @@ def runtime_of_folder(model: str | os.PathLike, field: str = "model") -> Runtime
     loaders then name the missing file), after `require_trainable`'s check."""
     require_trainable(model, field)
     family = family_of_folder(model)
-    return (family or FAMILIES["CogVideoX"]).runtime
+    runtime = (family or FAMILIES["CogVideoX"]).runtime
+    runtime.check_folder(Path(model), field)
+    return runtime
 
 
 def family_of_key(key: str) -> Family | None:

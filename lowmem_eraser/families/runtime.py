@@ -30,6 +30,24 @@ class Runtime:
     # sub-folders of a model folder, constructor arguments of the pipeline.
     text_modules: tuple[str, ...] = ("tokenizer", "text_encoder")
     frame_step: int = 4  # videos have frame_step·k + 1 frames (the VAE compresses time by 4)
+    # The pipeline's own settings stored in model_index.json (Wan2.2-TI2V-5B: expand_timesteps): passed to the
+    # pipeline whenever it is built from a folder.
+    pipeline_options: tuple[str, ...] = ()
+
+    def check_folder(self, model_dir: Path, field: str) -> None:
+        """One clear error before any work for a folder of this family that training cannot run yet."""
+
+    def folder_options(self, model_dir) -> dict:
+        """`pipeline_options` as the folder's model_index.json sets them (absent: the pipeline's defaults)."""
+        import json
+
+        if not self.pipeline_options or model_dir is None:
+            return {}
+        try:
+            index = json.loads((Path(model_dir) / "model_index.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {name: index[name] for name in self.pipeline_options if name in index}
 
     def max_text_length(self, transformer_config: dict) -> int:
         """Tokens every prompt is padded to (the embeddings' L, the concept mask's width)."""
@@ -51,11 +69,13 @@ class Runtime:
                                                          model_dir / "text_encoder", torch_dtype=dtype)}
 
     def pipeline(self, **modules):
-        """The family's pipeline; every module not given (text encoders, VAE, transformer, scheduler) is None."""
+        """The family's pipeline; every module not given (text encoders, VAE, transformer, scheduler) is None;
+        `pipeline_options` given are passed on."""
         import diffusers
 
         names = (*self.text_modules, "vae", "transformer", "scheduler")
-        return getattr(diffusers, self.pipeline_class)(**{name: modules.get(name) for name in names})
+        options = {name: modules[name] for name in self.pipeline_options if name in modules}
+        return getattr(diffusers, self.pipeline_class)(**{name: modules.get(name) for name in names}, **options)
 
     def encode(self, pipe, prompts: list[str], max_length: int, device, dtype):
         """The text condition of `prompts`, exactly as the family's pipeline encodes a prompt."""

@@ -11,6 +11,8 @@ prompt embeddings of 512 tokens, zero after each prompt's end, as WanPipeline pa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import Family, register
@@ -25,6 +27,27 @@ class WanRuntime(Runtime):
     text_length = 512  # WanPipeline's max_sequence_length
     fps = 16
     default_video = (81, 480, 832)  # Wan2.1's published 480p default
+    pipeline_options = ("expand_timesteps",)  # Wan2.2-TI2V-5B: one timestep per video token
+
+    def check_folder(self, model_dir: Path, field: str) -> None:
+        from ..errors import LowmemEraserError
+
+        if (Path(model_dir) / "transformer_2").is_dir():
+            raise LowmemEraserError(
+                f"{field}: {model_dir} is a two-expert Wan2.2 model (transformer/ for high noise, transformer_2/ for "
+                "low noise): training each expert on its timesteps is not implemented yet; erasers for both can be "
+                "attached, saved (one file, transformer_2's under the `transformer_2.` prefix), loaded and inspected")
+
+    def step_extras(self, pipe, video, guidance_scale, device):
+        """Whether the pipeline gives the transformer one timestep per video token (Wan2.2-TI2V-5B)."""
+        return bool(pipe.config.expand_timesteps) or None
+
+    def velocity(self, transformer, x_t, t, text, extras):
+        if extras:  # as WanPipeline with expand_timesteps: t for every (frame, h/2, w/2) token, [B, tokens]
+            _, patch_h, patch_w = transformer.config.patch_size
+            tokens = x_t.shape[2] * (x_t.shape[3] // patch_h) * (x_t.shape[4] // patch_w)
+            t = t.reshape(-1, 1).expand(-1, tokens)
+        return super().velocity(transformer, x_t, t, text, extras)
 
     def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         # WanPipeline un-normalises and decodes inline in __call__ (no decode method to call): the same lines.
