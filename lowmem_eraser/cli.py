@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     infer = commands.add_parser("infer", help="generate a video with an eraser loaded")
-    infer.add_argument("--model", required=True, help="local diffusers CogVideoX folder")
+    infer.add_argument("--model", required=True, help="local diffusers model folder (CogVideoX, Wan2.1 / Wan2.2-TI2V-5B, HunyuanVideo)")
     infer.add_argument("--eraser", required=True, help="eraser folder or weights file")
     infer.add_argument("--prompt", required=True)
     infer.add_argument("--output", required=True, help="out.gif or out.mp4")

@@ -225,7 +225,7 @@ class ValidationConfig(_Section):
 class TrainConfig(_Section):
     """The whole training config. `model`, `prompts`, `concept` and `output_dir` are required."""
 
-    model: Path  # local diffusers model folder of a trainable family (CogVideoX, Wan)
+    model: Path  # local diffusers model folder of a trainable family (CogVideoX, Wan, HunyuanVideo)
     prompts: Path  # CSV with `prompt`, `normal prompt` columns, or a YAML list of pairs
     concept: str  # word(s) whose tokens define the localisation mask
     output_dir: Path
@@ -305,6 +305,16 @@ def validate(config: TrainConfig) -> None:
     if config.video.frames % step != 1:
         raise ConfigError(f"video.frames: expected {step}k+1 frames for {family.name if family else 'CogVideoX'} "
                           f"(e.g. 49), got {config.video.frames}")
+    multiple = family.runtime.size_multiple(config.model) if family else 16
+    for name in ("height", "width"):
+        value = getattr(config.video, name)
+        if value % multiple:
+            raise ConfigError(f"video.{name}: expected a multiple of {multiple} for this model (its VAE's compression "
+                              f"x its patch size), got {value}")
+    if (config.validation.every > 0 and family is not None and family.name != "CogVideoX"
+            and not (config.model / "vae").is_dir()):
+        raise ConfigError(f"validation.every: {config.validation.every} needs the model's vae/ to decode the videos; "
+                          f"{config.model} has none (set validation.every: 0)")
     dim = _attention_dim(config.model)
     if dim is not None and config.eraser.rank > dim:  # down: dim -> rank; a wider rank adds only dead weights
         raise ConfigError(

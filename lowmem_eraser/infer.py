@@ -1,4 +1,5 @@
-"""`lowmem-eraser infer`: generate a video with an eraser loaded into a local model folder (CogVideoX, Wan).
+"""`lowmem-eraser infer`: generate a video with an eraser loaded into a local model folder (CogVideoX, Wan,
+HunyuanVideo).
 
 The pipeline is assembled from the folder's components (so a folder without `model_index.json` works too).
 Folders with a `vae/` decode through it; folders without one (the toy model) are decoded by the toy world's
@@ -29,7 +30,7 @@ FPS = 8  # CogVideoX's published frame rate (the toy world's too); other familie
 class Generation:
     prompt: str
     steps: int = 50
-    frames: int | None = None  # None: the transformer's sample_frames (49 for CogVideoX, 17 for the toy model)
+    frames: int | None = None  # None: the family's default (CogVideoX sample_frames: 49, the toy 17; Wan 81; Hunyuan 129)
     height: int | None = None  # None: the transformer's sample size
     width: int | None = None
     guidance: float = 6.0
@@ -142,6 +143,7 @@ def generate(pipe, spec: Generation, tiling: str = "auto") -> np.ndarray:
         guidance_scale=spec.guidance,
         generator=torch.Generator(device).manual_seed(spec.seed),
         max_sequence_length=runtime.max_text_length(config),
+        **runtime.generation_kwargs(pipe),
         output_type="np" if pipe.vae is not None else "latent",
         return_dict=False,
     )[0]
@@ -182,8 +184,14 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
         raise LowmemEraserError(f"--steps: expected at least 1, got {spec.steps}")
     if not math.isfinite(strength):  # nan/inf would render a black video and exit 0
         raise LowmemEraserError(f"--strength: expected a finite number, got {strength}")
-    if spec.frames is not None and (spec.frames <= 0 or spec.frames % 4 != 1):  # the family's rule: generate()
-        raise LowmemEraserError(f"--frames: expected 4k+1 frames (8k+1 for CogVideoX, e.g. 49), got {spec.frames}")
+    runtime = runtime_of_folder(model, "--model")
+    if spec.frames is not None and (spec.frames <= 0 or spec.frames % runtime.frame_step != 1):
+        raise LowmemEraserError(f"--frames: expected {runtime.frame_step}k+1 frames (e.g. 49), got {spec.frames}")
+    multiple = runtime.size_multiple(model)
+    for name, value in (("--height", spec.height), ("--width", spec.width)):
+        if value is not None and value % multiple:
+            raise LowmemEraserError(f"{name}: expected a multiple of {multiple} for this model (its VAE's compression "
+                                    f"x its patch size), got {value}")
     ensure_folder(Path(output).parent, "--output")
     read_erasers(eraser)  # a bad eraser is named before the model loads
     pipe = load_pipeline(model, offload)

@@ -189,7 +189,7 @@ def transformer_class(model: str | Path) -> str:
 
 def check_video(frames: int, height: int, width: int, model: str | Path | None = None) -> VideoConfig:
     """The video size, with errors that name the command-line option. CogVideoX (and no model): 8k+1 frames, a
-    multiple of 16 pixels (what train's config accepts); Wan and HunyuanVideo: 4k+1 frames (their VAEs compress
+    multiple of 16 pixels; Wan and HunyuanVideo: 4k+1 frames (their VAEs compress
     time 4x), a multiple of VAE scale x patch (Wan2.2-TI2V-5B: 32)."""
     facts = model_facts(model) if model is not None else ModelFacts()
     arch = ARCHITECTURES[facts.transformer_class]
@@ -203,13 +203,7 @@ def check_video(frames: int, height: int, width: int, model: str | Path | None =
         holds, rule = rules[name]
         if not isinstance(value, int) or not holds(value):
             raise PlanError(f"--{name}: expected {rule}, got {value!r}")
-    try:
-        return VideoConfig(**sizes)
-    except LowmemEraserError:  # 4k+1 frames (HunyuanVideo's 61): train's config does not take them yet
-        video = object.__new__(VideoConfig)
-        for name, value in sizes.items():
-            object.__setattr__(video, name, value)
-        return video
+    return VideoConfig(**sizes)
 
 
 @dataclass(frozen=True)
@@ -345,7 +339,7 @@ class Architecture:
     stack_keys: tuple[str, ...] = ("num_layers",)  # the config key of each repeated stack's depth, in order
     cfg_batched = True  # the sampling pipeline runs CFG as one forward at twice the batch
     cfg_note = "(CFG)"
-    frame_step = 8  # frames are frame_step·k + 1 (train's config: 8k+1)
+    frame_step = 8  # frames are frame_step·k + 1 (as train's config checks for the family)
     spatial_patch = 2
 
     def counts(self, config: dict) -> tuple[int, ...]:

@@ -84,7 +84,8 @@ def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, st
 
 @torch.no_grad()
 def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device, cache_dir=None) -> torch.Tensor:
-    """x0 for each target prompt, generated with the frozen model (adapters off). Returns [n, F, C, H, W] on CPU.
+    """x0 for each target prompt, generated with the frozen model (adapters off). Returns the pipeline's
+    latents on CPU (CogVideoX [n, F, C, H, W]; Wan, HunyuanVideo [n, C, F, H, W]).
 
     Prompts are sampled `sampling.batch_size` at a time; prompt i always draws its noise from seed + i, so
     x0 is the same for every batch size. With `cache_dir` (hours on 5b) every prompt's x0 is written there

@@ -47,6 +47,9 @@ def _fingerprint_hash(model_dir: Path, max_length: int, dtype: torch.dtype, **co
         "model": str(Path(model_dir).resolve()),
         "text_encoder": _files_fingerprint(Path(model_dir) / "text_encoder"),
         "tokenizer": _files_fingerprint(Path(model_dir) / "tokenizer"),
+        # HunyuanVideo's CLIP: only where present, so every other family's keys stay what they were
+        **{sub: _files_fingerprint(Path(model_dir) / sub) for sub in ("text_encoder_2", "tokenizer_2")
+           if (Path(model_dir) / sub).is_dir()},
         **content,
         "max_length": max_length,
         "dtype": str(dtype),

@@ -81,7 +81,8 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
         transformer.train(was_training)
     del pipe
 
-    toy = not (Path(model_dir) / "vae").is_dir()  # as `infer`: no VAE means the toy world's renderer
+    # as `infer`: a CogVideoX folder without a VAE is the toy world, decoded by its renderer
+    toy = not (Path(model_dir) / "vae").is_dir() and runtime_of_folder(model_dir).pipeline_class == "CogVideoXPipeline"
     videos = _decode(base + erased, model_dir, embeddings.dtype, device, toy)
     folder = Path(out_dir) / "validation" / f"step-{step:06d}"
     for i in range(len(base)):

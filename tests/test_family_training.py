@@ -371,3 +371,26 @@ def test_a_concept_cut_off_by_the_template_and_length_is_named_in_one_warning(mo
     assert "no tokens in 2 of 3 target prompts" in message
     assert "cut off by the 2-token text length: 'a small red ball drifting right'" in message
     assert "not in the prompt: 'a blue ball moving left'" in message
+
+
+def test_sizes_the_wan22_vae_cannot_take_and_validation_without_a_vae_are_refused_before_any_work(wan_model,
+                                                                                               tmp_path):
+    """Wan2.2's VAE compresses 16x and the patch is 2: 64 px is 2 latent patches, 80 px would be resized by the
+    pipeline behind the user's back. A Wan folder without vae/ cannot decode validation videos."""
+    import shutil
+
+    from lowmem_eraser.config import ConfigError, load_config
+    from lowmem_eraser.errors import LowmemEraserError
+    from lowmem_eraser.infer import Generation, infer
+
+    root = tmp_path / "wan22"
+    shutil.copytree(wan_model, root)
+    vae = root / "model" / "vae" / "config.json"
+    vae.write_text(json.dumps({**json.loads(vae.read_text()), "scale_factor_spatial": 16}))
+    with pytest.raises(ConfigError, match="video.height: expected a multiple of 32 for this model .* got 80"):
+        load_config(make_config(root, tmp_path / "run", video={"height": 80}))
+    with pytest.raises(LowmemEraserError, match="--width: expected a multiple of 32 for this model .* got 48"):
+        infer(root / "model", tmp_path / "none", Generation("a red ball", width=48), tmp_path / "x.gif")
+    shutil.rmtree(root / "model" / "vae")
+    with pytest.raises(ConfigError, match="validation.every: 2 needs the model's vae/"):
+        load_config(make_config(root, tmp_path / "run", validation={"every": 2, "prompts": ["a red ball"]}))

@@ -67,7 +67,7 @@ def test_infer_writes_an_mp4_with_the_models_own_frame_count_by_default(vae_mode
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--frames": "8"}, "--frames: expected 4k+1 frames"),
+        ({"--frames": "8"}, "--frames: expected 8k+1 frames"),
         ({"--output": "out.avi"}, "must end in .gif or .mp4"),
         ({"--model": "missing"}, "has no transformer/ folder"),
         ({"--offload": "model"}, "there is no CUDA here"),

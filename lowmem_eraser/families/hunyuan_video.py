@@ -37,8 +37,10 @@ class HunyuanText:
     def __getitem__(self, index) -> HunyuanText:
         return HunyuanText(self.embeds[index], self.mask[index], self.pooled[index])
 
-    def to(self, *args, **kwargs) -> HunyuanText:
-        return HunyuanText(*(t.to(*args, **kwargs) for t in (self.embeds, self.mask, self.pooled)))
+    def to(self, device=None, dtype: torch.dtype | None = None) -> HunyuanText:
+        """Moved to `device`; a `dtype` casts the embeddings only (the mask stays an integer mask)."""
+        return HunyuanText(self.embeds.to(device=device, dtype=dtype), self.mask.to(device=device),
+                           self.pooled.to(device=device, dtype=dtype))
 
     def cpu(self) -> HunyuanText:
         return self.to("cpu")
@@ -116,6 +118,9 @@ class HunyuanVideoRuntime(Runtime):
         wrapped = [template["template"].format(prompt) for prompt in prompts]
         mask = concept_token_mask(tokenizer, wrapped, concept, max_length + crop, search_from=prefix)
         return mask[:, crop:]
+
+    def generation_kwargs(self, pipe) -> dict:
+        return {"prompt_template": prompt_template(pipe.tokenizer)}  # the crop training used
 
     def pipeline_text(self, prompt: HunyuanText, negative: HunyuanText, device) -> dict:
         # Guidance-distilled: the pipeline's guidance_scale is embedded, not classifier-free (no negative pass).

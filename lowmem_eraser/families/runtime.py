@@ -1,7 +1,8 @@
 """What training, sampling and generation ask of a family: its classes, how its prompts are encoded, how its
 transformer is called, how latents are re-noised. One `Runtime` per trainable family (its family file); the
-defaults here are the shared behaviour (CogVideoX, Wan: one text encoder whose embeddings are the whole text
-condition), a family overrides what differs.
+defaults here are the shared behaviour (one text encoder whose embeddings are the whole text condition, flow
+matching), a family overrides what differs (CogVideoX: DDIM v-prediction and rotary embeddings; HunyuanVideo:
+two text encoders and guidance).
 
 Everything runs through the family's own diffusers pipeline (x0 generation, trajectory sampling, validation,
 `infer`): its `encode_prompt`, its denoising loop with the interrupt callback, its VAE decode.
@@ -36,6 +37,28 @@ class Runtime:
 
     def check_folder(self, model_dir: Path, field: str) -> None:
         """One clear error before any work for a folder of this family that training cannot run yet."""
+
+    def size_multiple(self, model_dir) -> int:
+        """Height and width must be multiples of this: the VAE's spatial compression (vae/config.json; 8 when it
+        cannot be read) x the transformer's spatial patch (Wan2.2-TI2V-5B: 16 x 2 = 32; the others 8 x 2)."""
+        import json
+
+        def read(sub):
+            try:
+                value = json.loads((Path(model_dir) / sub / "config.json").read_text())
+            except (OSError, ValueError):
+                return {}
+            return value if isinstance(value, dict) else {}
+
+        vae, transformer = read("vae"), read("transformer")
+        scale = vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio") or 8
+        patch = transformer.get("patch_size", 2)
+        patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+        return int(scale) * int(patch or 1)
+
+    def generation_kwargs(self, pipe) -> dict:
+        """Extra keyword arguments `infer` gives the pipeline so that it encodes prompts as training did."""
+        return {}
 
     def folder_options(self, model_dir) -> dict:
         """`pipeline_options` as the folder's model_index.json sets them (absent: the pipeline's defaults)."""
