@@ -19,7 +19,7 @@ import torch
 from .errors import LowmemEraserError
 from .families import runtime_of_folder
 from .loading import from_pretrained_or_error, model_files
-from .sampling import runtime_of
+from .sampling import all_erasers_disabled, pipeline_experts, runtime_of
 
 logger = logging.getLogger(__name__)
 OFFLOAD_MODES = ("none", "model", "sequential")
@@ -66,8 +66,8 @@ def load_pipeline(model: str | Path, offload: str = "none"):
     pipe = runtime.pipeline(
         **runtime.load_text_modules(model, dtype),
         vae=from_pretrained_or_error(vae_class, model / "vae", torch_dtype=dtype) if (model / "vae").is_dir() else None,
-        transformer=from_pretrained_or_error(getattr(diffusers, runtime.transformer_class), model / "transformer",
-                                             torch_dtype=dtype),
+        **{name: from_pretrained_or_error(getattr(diffusers, runtime.transformer_class), model / name,
+                                          torch_dtype=dtype) for name in runtime.experts(model)},
         scheduler=scheduler,
         **runtime.folder_options(model),
     )
@@ -174,7 +174,7 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
           tiling: str = "auto"):
     """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed).
     `tiling`: VAE tiling and slicing, `auto` = on when the plain decode would not fit (see `vae_tiling`)."""
-    from . import erasers_disabled, load_erasers, read_erasers, set_eraser_scale
+    from . import load_erasers, read_erasers, set_eraser_scale
     from .serialization import ensure_folder
 
     # Every argument is checked before the model loads (minutes on a real model), not after the generation.
@@ -195,11 +195,13 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
     ensure_folder(Path(output).parent, "--output")
     read_erasers(eraser)  # a bad eraser is named before the model loads
     pipe = load_pipeline(model, offload)
-    load_erasers(pipe.transformer, eraser)
-    set_eraser_scale(pipe.transformer, strength)
+    experts = pipeline_experts(pipe)
+    for name, transformer in zip(runtime.experts(model), experts):  # Wan2.2 A14B: each expert its own erasers
+        load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None)
+        set_eraser_scale(transformer, strength)
     erased = generate(pipe, spec, tiling)
     if compare:
-        with erasers_disabled(pipe.transformer):
+        with all_erasers_disabled(pipe):
             base = generate(pipe, spec, tiling)
         separator = np.full((*base.shape[:2], max(2, base.shape[2] // 32), 3), 255, dtype=np.uint8)
         erased = np.concatenate([base, separator, erased], axis=2)

@@ -8,6 +8,7 @@ partially denoised latent is x_t at that step's timestep. Neither ever pairs pur
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -26,14 +27,16 @@ def runtime_of(transformer):
     return family.runtime
 
 
-def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None):
+def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None, transformer_2=None):
     """The family's pipeline around our transformer for sampling from precomputed embeddings (no text encoder,
     no VAE): CogVideoXPipeline, WanPipeline, HunyuanVideoPipeline. Without a VAE a pipeline assumes 8x spatial
-    compression; with `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x)."""
+    compression; with `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x), and the
+    pipeline's own settings from its model_index.json. `transformer_2`: Wan2.2 A14B's low-noise expert."""
     import json
 
     runtime = runtime_of(transformer)
-    pipe = runtime.pipeline(transformer=transformer, scheduler=scheduler, **runtime.folder_options(model_dir))
+    experts = {"transformer_2": transformer_2} if transformer_2 is not None else {}
+    pipe = runtime.pipeline(transformer=transformer, scheduler=scheduler, **experts, **runtime.folder_options(model_dir))
     try:
         vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text()) if model_dir is not None else {}
     except (OSError, ValueError):
@@ -43,6 +46,31 @@ def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None):
         if isinstance(vae.get(key), int) and hasattr(pipe, attribute):
             setattr(pipe, attribute, vae[key])
     return pipe
+
+
+def pipeline_experts(pipe) -> list:
+    """The pipeline's transformers: [transformer] or, for Wan2.2 A14B, [transformer, transformer_2]."""
+    second = getattr(pipe, "transformer_2", None)
+    return [pipe.transformer] + ([second] if second is not None else [])
+
+
+def expert_groups(pipe, t: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(expert index into `pipeline_experts`, the batch positions it serves) for timesteps t, as the pipeline
+    switches: `transformer` at t >= boundary_ratio x num_train_timesteps, `transformer_2` below."""
+    if len(pipeline_experts(pipe)) == 1:
+        return [(0, torch.arange(t.shape[0]))]
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    low = (t.reshape(t.shape[0], -1)[:, 0] < boundary).cpu()
+    return [(k, (low == bool(k)).nonzero().flatten()) for k in (0, 1) if (low == bool(k)).any()]
+
+
+@contextlib.contextmanager
+def all_erasers_disabled(pipe):
+    """Every expert's erasers off (x0 generation: the original model)."""
+    with contextlib.ExitStack() as stack:
+        for transformer in pipeline_experts(pipe):
+            stack.enter_context(erasers_disabled(transformer))
+        yield
 
 
 def latent_frames(frames: int) -> int:
@@ -104,7 +132,7 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
     if todo and cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     done = n - sum(len(batch) for batch in todo)
-    with erasers_disabled(pipe.transformer), tqdm(total=n, initial=done, desc="x0 generation", unit="prompt",
+    with all_erasers_disabled(pipe), tqdm(total=n, initial=done, desc="x0 generation", unit="prompt",
                                                     dynamic_ncols=True, disable=not todo) as bar:
         for batch in todo:
             generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]

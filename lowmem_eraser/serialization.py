@@ -281,7 +281,8 @@ def save_erasers(
     A sequence of transformers/eraser sets writes one file for a pipeline's experts (Wan2.2 A14B: the
     `transformer` and `transformer_2` erasers, attached with `attach_erasers(..., expert=...)`): same family and
     rank, each expert's keys under its own prefix."""
-    items = list(transformer_or_erasers) if isinstance(transformer_or_erasers, (list, tuple)) else [transformer_or_erasers]
+    several = isinstance(transformer_or_erasers, (list, tuple, nn.ModuleList))
+    items = list(transformer_or_erasers) if several else [transformer_or_erasers]
     sets = [item if isinstance(item, EraserSet) else get_erasers(item) for item in items]
     if not sets or any(erasers is None for erasers in sets):
         raise EraserFormatError("save_erasers: the model has no erasers attached")

@@ -38,8 +38,8 @@ from .lowram_load import load_transformer_blockwise
 from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
-from .sampling import (generate_clean_latents, latent_frames, make_pipeline, renoise, runtime_of, step_extras,
-                       trajectory)
+from .sampling import (expert_groups, generate_clean_latents, latent_frames, make_pipeline, pipeline_experts, renoise,
+                       runtime_of, step_extras, trajectory)
 from .serialization import atomic_write, save_erasers
 from .plots import plot_losses
 from .text import cache_key, encode_prompts
@@ -55,8 +55,10 @@ class TrainingError(LowmemEraserError):
     """Training cannot go on (e.g. the loss stayed non-finite)."""
 
 
-def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device, cache: Path | None = None):
-    """The one frozen base, optionally 8-bit, with the first `memory.offload` blocks streamed from the host.
+def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device, cache: Path | None = None,
+                     subfolder: str = "transformer"):
+    """The one frozen base, optionally 8-bit, with the first `memory.offload` blocks streamed from the host
+    (`subfolder`: which of the pipeline's transformers, Wan2.2 A14B: "transformer" or "transformer_2").
 
     `memory.blockwise_load` reads and quantises it block by block (lowram_load.py: host RAM holds one
     full-precision block, plus the streamed blocks); otherwise it is loaded whole on the CPU, quantised there and
@@ -66,17 +68,17 @@ def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.devi
     memory = config.memory
     backend = "none" if memory.quantize == "none" else resolve_backend(memory.quantize, device)
     transformer_class = getattr(diffusers, runtime_of_folder(config.model).transformer_class)
-    depth = block_count(transformer_class.load_config(config.model / "transformer"))
+    depth = block_count(transformer_class.load_config(config.model / subfolder))
     streamed = memory.streamed_blocks(depth) if device.type == "cuda" else 0
     if memory.offload != "none" and device.type != "cuda":
         logger.info("memory.offload: %s needs CUDA; on this device every weight stays where it is (no-op)",
                     memory.offload)
     if memory.blockwise_load:
         transformer = load_transformer_blockwise(
-            config.model / "transformer", dtype, backend, device, host_blocks=streamed_indices(streamed, depth),
+            config.model / subfolder, dtype, backend, device, host_blocks=streamed_indices(streamed, depth),
             int8_cache=cache if memory.int8_cache else None)
     else:
-        transformer = from_pretrained_or_error(transformer_class, config.model / "transformer", torch_dtype=dtype)
+        transformer = from_pretrained_or_error(transformer_class, config.model / subfolder, torch_dtype=dtype)
         transformer.requires_grad_(False)
         if backend != "none":
             quantize_base(transformer, backend=backend)
@@ -190,6 +192,27 @@ def warn_missing_concept(concept: str, prompts: list[str], concept_tokens: torch
                    concept, len(missing), len(prompts), "; ".join(parts))
 
 
+def experts_losses_backward(pipe, sets, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
+                            activations=None):
+    """`eraser_losses_backward` on the pipeline's expert that serves the batch's timesteps (one expert: the whole
+    batch). Wan2.2 A14B: the samples at t >= boundary train `transformer`'s erasers, the others `transformer_2`'s,
+    each on the mean loss of its own samples; the returned terms are averaged over the whole batch."""
+    experts, groups = pipeline_experts(pipe), expert_groups(pipe, t)
+    if len(groups) == 1:
+        k = groups[0][0]
+        return eraser_losses_backward(experts[k], sets[k], x_t, t, c, empty, c_pre, concept_tokens, extras, frames,
+                                      loss_cfg, activations=activations)
+    total: dict[str, torch.Tensor] = {}
+    for k, positions in groups:
+        on_device = positions.to(x_t.device)
+        part = eraser_losses_backward(experts[k], sets[k], x_t[on_device], t[on_device], c[on_device],
+                                      empty[on_device], c_pre[on_device], concept_tokens[positions], extras, frames,
+                                      loss_cfg, activations=activations)
+        for name, value in part.items():
+            total[name] = total.get(name, 0) + value * (len(positions) / t.shape[0])
+    return total
+
+
 def cached(path: Path, make):
     """Load `path` if present, else build it with `make()` and write it atomically."""
     if path.is_file():
@@ -291,18 +314,24 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
         if loss_cfg.alpha > 0:
             warn_missing_concept(config.concept, [target for target, _ in pairs], text.concept_tokens, max_length)
 
-        # 2. One frozen base (optionally int8, streamed), fp32 adapters on top.
+        # 2. One frozen base (optionally int8, streamed), fp32 adapters on top; Wan2.2 A14B: one per expert, each
+        # with its own erasers (one optimiser, one file: transformer_2's under its key prefix).
         phase = "loading the transformer"
-        transformer = load_transformer(config, dtype, device, out / "cache")
-        erasers = attach_erasers(transformer, rank=config.eraser.rank)
-        erasers.to(device)
-        erasers.kernels = config.memory.kernels
+        experts = runtime_of_folder(config.model).experts(config.model)
+        transformers = [load_transformer(config, dtype, device, out / "cache", name) for name in experts]
+        sets = [attach_erasers(t, rank=config.eraser.rank, expert=name if len(experts) > 1 else None)
+                for t, name in zip(transformers, experts)]
+        for eraser_set in sets:
+            eraser_set.to(device)
+            eraser_set.kernels = config.memory.kernels
+        erasers = sets[0] if len(sets) == 1 else torch.nn.ModuleList(sets)  # what the optimiser and state hold
+        transformer = transformers[0]
         if config.memory.offload_activations and device.type != "cuda":
             logger.info("memory.offload_activations needs CUDA; on this device activations stay where they are")
         activations = offload_activations(config.memory.offload_activations and device.type == "cuda", device,
-                                          model=transformer)
+                                          model=transformer if len(sets) == 1 else torch.nn.ModuleList(transformers))
         scheduler = load_scheduler(config.model)
-        pipe = make_pipeline(transformer, scheduler, config.model)
+        pipe = make_pipeline(transformer, scheduler, config.model, *transformers[1:])
         pipe.set_progress_bar_config(disable=True)
         extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
         frames = latent_frames(video.frames)
@@ -360,9 +389,9 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                 x_t, t = x_t.to(device, dtype), t.to(device)
 
                 with meter.step():
-                    losses = eraser_losses_backward(
-                        transformer, erasers, x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames,
-                        loss_cfg, activations=activations,
+                    losses = experts_losses_backward(
+                        pipe, sets, x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames, loss_cfg,
+                        activations=activations,
                     )
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 
@@ -401,7 +430,8 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                                 pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
                 if validation.every > 0 and (done % validation.every == 0 or done == loop.steps):
                     numbers = run_validation(transformer, scheduler, validation_text, text.empty, validation, video,
-                                             config.model, out, done, tracker, device=device, concept=config.concept)
+                                             config.model, out, done, tracker, device=device, concept=config.concept,
+                                             transformer_2=transformers[1] if len(transformers) > 1 else None)
                     tracker.log(numbers, done)
                     logger.info("validation at step %d: %s", done, ", ".join(
                         f"{k.removeprefix('validation/')} {v:.3g}" for k, v in numbers.items()))

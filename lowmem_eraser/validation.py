@@ -15,6 +15,7 @@ validation trains exactly the same eraser as one without).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import time
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import erasers_disabled, get_erasers
+from .adapter import get_erasers
 from .errors import LowmemEraserError
 from .families import runtime_of_folder
 from .infer import FPS, export
 from .loading import from_pretrained_or_error
-from .sampling import _generate, make_pipeline
+from .sampling import _generate, all_erasers_disabled, make_pipeline
 from .text import encode_texts
 
 
@@ -48,7 +49,7 @@ def side_by_side(base: np.ndarray, erased: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embedding: torch.Tensor, validation_cfg,
                    video_cfg, model_dir, out_dir, step: int, tracker=None, *, device=None,
-                   concept: str | None = None) -> dict:
+                   concept: str | None = None, transformer_2=None) -> dict:
     """Sample, decode, write and log one validation round; returns numbers for `tracker.log` / metrics.
 
     `embeddings` [n, L, D] from `encode_validation_prompts`, `empty_embedding` [1, L, D] (the trainer's
@@ -64,21 +65,26 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
         raise LowmemEraserError(f"run_validation: {len(validation_cfg.prompts)} prompts but {embeddings.shape[0]} "
                                 "embeddings (encode validation.prompts with encode_validation_prompts)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    erasers = get_erasers(transformer)
-    if erasers is None:
+    experts = [transformer] + ([transformer_2] if transformer_2 is not None else [])
+    sets = [get_erasers(expert) for expert in experts]
+    if any(erasers is None for erasers in sets):
         raise LowmemEraserError("run_validation: the transformer carries no erasers (attach_erasers first)")
     # A scheduler copy: sampling sets timesteps and step counters; the trainer's stays as the trainer left it
-    pipe = make_pipeline(transformer, type(scheduler).from_config(scheduler.config), model_dir)
+    pipe = make_pipeline(transformer, type(scheduler).from_config(scheduler.config), model_dir, transformer_2)
     pipe.set_progress_bar_config(disable=True)
-    was_training = transformer.training
-    transformer.eval()
+    was_training = [expert.training for expert in experts]
+    for expert in experts:
+        expert.eval()
     try:
-        with erasers.replaying(erasers.switches()):  # whatever happens below, the switches come back as they were
-            with erasers_disabled(transformer):
+        with contextlib.ExitStack() as switches:  # whatever happens below, the switches come back as they were
+            for erasers in sets:
+                switches.enter_context(erasers.replaying(erasers.switches()))
+            with all_erasers_disabled(pipe):
                 base = _sample(pipe, embeddings, empty_embedding, validation_cfg, video_cfg, device)
             erased = _sample(pipe, embeddings, empty_embedding, validation_cfg, video_cfg, device)
     finally:
-        transformer.train(was_training)
+        for expert, mode in zip(experts, was_training):
+            expert.train(mode)
     del pipe
 
     # as `infer`: a CogVideoX folder without a VAE is the toy world, decoded by its renderer

@@ -342,18 +342,6 @@ def test_wan22_ti2v_timesteps_go_per_token_as_its_pipeline_passes_them(wan_model
     assert (plain - expanded).abs().max() < 1e-5
 
 
-def test_a_two_expert_wan22_folder_is_refused_before_any_work(wan_model, tmp_path):
-    import shutil
-
-    from lowmem_eraser.config import ConfigError, load_config
-
-    root = tmp_path / "a14b"
-    shutil.copytree(wan_model, root)
-    shutil.copytree(root / "model" / "transformer", root / "model" / "transformer_2")
-    with pytest.raises(ConfigError, match="two-expert Wan2.2 model .* not implemented yet"):
-        load_config(make_config(root, tmp_path / "run"))
-
-
 def test_a_concept_cut_off_by_the_template_and_length_is_named_in_one_warning(models, caplog):
     """HunyuanVideo's template comes first and the prompt is cut at max length after it: "red" as the 3rd word
     of a prompt is gone at 2 tokens; the warning names that prompt, and apart from it one without the concept."""
@@ -394,3 +382,79 @@ def test_sizes_the_wan22_vae_cannot_take_and_validation_without_a_vae_are_refuse
     shutil.rmtree(root / "model" / "vae")
     with pytest.raises(ConfigError, match="validation.every: 2 needs the model's vae/"):
         load_config(make_config(root, tmp_path / "run", validation={"every": 2, "prompts": ["a red ball"]}))
+
+
+@pytest.fixture(scope="module")
+def a14b_model(models, tmp_path_factory):
+    """A two-expert Wan2.2 folder: the tiny Wan as `transformer` (high noise) and another as `transformer_2`
+    (low noise), switched at boundary_ratio 0.5 (A14B's T2V model uses 0.875)."""
+    import shutil
+
+    from diffusers import WanTransformer3DModel
+
+    from lowmem_eraser.tiny import TINY_WAN
+
+    root = tmp_path_factory.mktemp("tiny_a14b")
+    shutil.copytree(models("Wan"), root, dirs_exist_ok=True)
+    torch.manual_seed(7)
+    second = WanTransformer3DModel(**TINY_WAN)
+    with torch.no_grad():
+        for block in second.blocks:
+            block.attn2.to_out[0].weight.mul_(10.0)
+    second.save_pretrained(root / "model" / "transformer_2")
+    (root / "model" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.5}))
+    return root
+
+
+def test_wan22_a14b_trains_each_expert_on_the_timesteps_it_serves_into_one_file(a14b_model, tmp_path, monkeypatch):
+    from diffusers import WanTransformer3DModel
+
+    from lowmem_eraser import train as train_module
+    from lowmem_eraser.config import load_config
+
+    calls = []
+    real = train_module.eraser_losses_backward
+
+    def recording(transformer, erasers, x_t, t, *args, **kwargs):
+        calls.append((erasers.keys()[0], t.tolist()))
+        return real(transformer, erasers, x_t, t, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "eraser_losses_backward", recording)
+    config = load_config(make_config(a14b_model, tmp_path / "run", train={"steps": 12, "batch_size": 2,
+                                                                          "save_every": 6}))
+    out = train_module.train(config)
+    served = {"high": [], "low": []}
+    for first_key, ts in calls:
+        served["low" if first_key.startswith("transformer_2.") else "high"].extend(ts)
+    print({k: sorted(set(v)) for k, v in served.items()})
+    assert served["high"] and served["low"]  # both experts trained
+    assert min(served["high"]) >= 500 > max(served["low"])  # each on its own timesteps (boundary 0.5 x 1000)
+
+    weights = torch.load(out / "eraser_weights.pt", weights_only=True)
+    assert sorted(weights) == ["blocks.0.attn2.adapter", "blocks.1.attn2.adapter",
+                               "transformer_2.blocks.0.attn2.adapter", "transformer_2.blocks.1.attn2.adapter"]
+    assert all(v["up.weight"].abs().sum() > 0 for v in weights.values())  # every expert's erasers moved
+    for name in ("transformer", "transformer_2"):
+        expert = WanTransformer3DModel.from_pretrained(a14b_model / "model" / name)
+        loaded = load_erasers(expert, out, expert=name)
+        assert len(loaded) == 2
+
+    # resumable: the two sets are one state
+    resumed = load_config(make_config(a14b_model, tmp_path / "run", train={"steps": 14, "batch_size": 2,
+                                                                           "save_every": 6}))
+    train_module.train(resumed, resume=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(14))
+
+
+def test_infer_on_wan22_a14b_loads_each_experts_erasers(a14b_model, tmp_path):
+    from PIL import Image
+
+    from lowmem_eraser.infer import Generation, infer
+
+    assert cli_main(["train", "--config", str(make_config(a14b_model, tmp_path / "run", train={"steps": 4}))]) == 0
+    spec = Generation(prompt="a red ball moving left", steps=2, frames=9, height=64, width=64, guidance=4.0)
+    path = infer(a14b_model / "model", tmp_path / "run", spec, tmp_path / "s0.gif", strength=0.0, compare=True)
+    with Image.open(path) as image:
+        video = np.asarray(image.convert("RGB"))
+    assert np.array_equal(video[:, :64], video[:, -64:])  # strength 0 on both experts: the base model

@@ -34,6 +34,13 @@ class Runtime:
     # The pipeline's own settings stored in model_index.json (Wan2.2-TI2V-5B: expand_timesteps): passed to the
     # pipeline whenever it is built from a folder.
     pipeline_options: tuple[str, ...] = ()
+    # Pipeline modules holding further experts (Wan2.2 A14B: "transformer_2", sub-folder of the same name).
+    expert_modules: tuple[str, ...] = ()
+
+    def experts(self, model_dir) -> tuple[str, ...]:
+        """The folder's transformers in the pipeline's order: ("transformer",), or with the expert modules the
+        folder has (Wan2.2 A14B: ("transformer", "transformer_2"))."""
+        return ("transformer", *(name for name in self.expert_modules if (Path(model_dir) / name).is_dir()))
 
     def check_folder(self, model_dir: Path, field: str) -> None:
         """One clear error before any work for a folder of this family that training cannot run yet."""
@@ -97,7 +104,7 @@ class Runtime:
         import diffusers
 
         names = (*self.text_modules, "vae", "transformer", "scheduler")
-        options = {name: modules[name] for name in self.pipeline_options if name in modules}
+        options = {name: modules[name] for name in (*self.pipeline_options, *self.expert_modules) if name in modules}
         return getattr(diffusers, self.pipeline_class)(**{name: modules.get(name) for name in names}, **options)
 
     def encode(self, pipe, prompts: list[str], max_length: int, device, dtype):

@@ -6,12 +6,12 @@ block): added to `attn2`'s output, before the block's residual. `attn2` returns 
 
 Training: flow matching (FlowMatchEulerDiscreteScheduler, or the published UniPC with flow sigmas); UMT5-XXL
 prompt embeddings of 512 tokens, zero after each prompt's end, as WanPipeline pads them; latents
-[B, C, F, H, W]; rotary embeddings are computed inside the transformer.
+[B, C, F, H, W]; rotary embeddings are computed inside the transformer. Wan2.2 A14B's two experts train in one
+run, each on the timesteps its pipeline gives it (t >= boundary_ratio x 1000: `transformer`, below:
+`transformer_2`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -27,16 +27,9 @@ class WanRuntime(Runtime):
     text_length = 512  # WanPipeline's max_sequence_length
     fps = 16
     default_video = (81, 480, 832)  # Wan2.1's published 480p default
-    pipeline_options = ("expand_timesteps",)  # Wan2.2-TI2V-5B: one timestep per video token
-
-    def check_folder(self, model_dir: Path, field: str) -> None:
-        from ..errors import LowmemEraserError
-
-        if (Path(model_dir) / "transformer_2").is_dir():
-            raise LowmemEraserError(
-                f"{field}: {model_dir} is a two-expert Wan2.2 model (transformer/ for high noise, transformer_2/ for "
-                "low noise): training each expert on its timesteps is not implemented yet; erasers for both can be "
-                "attached, saved (one file, transformer_2's under the `transformer_2.` prefix), loaded and inspected")
+    # Wan2.2-TI2V-5B: one timestep per video token; Wan2.2 A14B: the timestep where transformer_2 takes over
+    pipeline_options = ("expand_timesteps", "boundary_ratio")
+    expert_modules = ("transformer_2",)  # Wan2.2 A14B's low-noise expert
 
     def step_extras(self, pipe, video, guidance_scale, device):
         """Whether the pipeline gives the transformer one timestep per video token (Wan2.2-TI2V-5B)."""
