@@ -76,7 +76,8 @@ def main() -> None:
     began = time.perf_counter()
     speeds = Speeds()
     lines = ["# The memory ladder (predicted by `lowmem-eraser plan`, not measured on a GPU)", "",
-             "Each model at its preset's default video, rank 128, alpha 1, beta 0.5, batch 1, bf16 compute. s/step at {speeds.tflops:g} TFLOP/s "
+             "Each model at its preset's default video, rank 128, alpha 1, beta 0.5, batch 1, bf16 compute. "
+             f"s/step at {speeds.tflops:g} TFLOP/s "
              f"and {speeds.h2d_gbps:g} GB/s host<->device per direction, copies overlapped with each block's "
              "compute; needs = allocated x 1.10 + 1 GiB. Host RAM: tensor bytes of the largest stage (the Python "
              "process adds 1-3 GiB).", ""]
