@@ -46,6 +46,15 @@ def _inspect(args: argparse.Namespace) -> None:
               "load_erasers refuses this file")
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from .serialization import merge_erasers, read_erasers
+
+    folder = merge_erasers(args.erasers, args.output, format=args.format)
+    merged = read_erasers(folder)
+    print(f"wrote {folder} ({merged.family}, {len(merged.state)} blocks, rank {merged.rank} = "
+          f"{' + '.join(str(read_erasers(path).rank) for path in args.erasers)})")
+
+
 def _convert(args: argparse.Namespace) -> None:
     """Readers refuse a folder holding both eraser_weights.pt and .safetensors, so the result never does: a
     conversion in the source's own folder replaces the source file; another eraser in DST's folder is refused."""
@@ -174,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="eraser folder or weights file")
     convert.add_argument("dst", help="destination file ending in .pt or .safetensors")
     convert.set_defaults(run=_convert)
+
+    merge = commands.add_parser("merge", help="one eraser equal to applying several at once (exact: ranks add up)")
+    merge.add_argument("erasers", nargs="+", help="two or more eraser folders or weights files of one model")
+    merge.add_argument("--output", required=True, help="new folder for the merged eraser (published format)")
+    merge.add_argument("--format", choices=("pt", "safetensors"), default="pt", help="weights file format")
+    merge.set_defaults(run=_merge)
 
     train = commands.add_parser("train", help="train an eraser from a YAML config")
     train.add_argument("--config", required=True, help="YAML training config (see configs/README.md)")

@@ -393,3 +393,61 @@ def load_erasers(transformer: nn.Module, path: str | os.PathLike, strict: bool =
                 for inner, param in erasers[key].state_dict(keep_vars=True).items():
                     param.copy_(eraser_file.state[key][inner].to(torch.float32))
     return erasers
+
+
+def merge_erasers(paths: Sequence[str | os.PathLike], folder: str | os.PathLike, format: str = "pt") -> Path:
+    """One published eraser equal to applying every eraser in `paths` at once, written to `folder`.
+
+    Each adapter adds `up(GELU(down(h)))` to the same attention output h, and a sum of such terms is one adapter
+    of the summed rank: `down` rows stacked, `down` biases concatenated, `up` columns concatenated, `up` biases
+    summed (exact, up to the order of the final additions). The erasers must be of one family, with the same
+    blocks and widths; the result's rank is the sum of theirs."""
+    if len(paths) < 2:
+        raise EraserFormatError(f"merge: expected two or more erasers, got {len(paths)}")
+    if format not in ("pt", "safetensors"):
+        raise EraserFormatError(f"merge: format must be 'pt' or 'safetensors', got {format!r}")
+    files = [read_erasers(path) for path in paths]
+    first = files[0]
+    for other in files[1:]:
+        if other.family != first.family:
+            raise EraserFormatError(f"merge: {first.weights_path} is a {first.family} eraser and {other.weights_path} "
+                                    f"a {other.family} eraser: erasers of one family only")
+        if set(other.state) != set(first.state):
+            missing = sorted(set(first.state) ^ set(other.state))
+            raise EraserFormatError(f"merge: {first.weights_path} and {other.weights_path} have different blocks "
+                                    f"(e.g. {missing[0]!r}): erasers of the same model only")
+        for key in first.state:
+            if other.dims.get(key) != first.dims.get(key):
+                raise EraserFormatError(f"merge: {key} is {first.dims.get(key)} wide in {first.weights_path} and "
+                                        f"{other.dims.get(key)} in {other.weights_path}: erasers of the same model only")
+    dtypes = {eraser.dtype for eraser in files}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precisions meet in fp32
+    state = {}
+    for key in first.state:
+        parts = [{name: tensor.to(dtype) for name, tensor in eraser.state[key].items()} for eraser in files]
+        state[key] = {
+            "down.weight": torch.cat([p["down.weight"] for p in parts], dim=0),
+            "down.bias": torch.cat([p["down.bias"] for p in parts]),
+            "up.weight": torch.cat([p["up.weight"] for p in parts], dim=1),
+            "up.bias": torch.stack([p["up.bias"] for p in parts]).sum(0),
+        }
+    rank = sum(eraser.rank for eraser in files)
+    folder = ensure_folder(folder, "--output")
+    for name in (WEIGHTS_PT, WEIGHTS_SAFETENSORS):
+        if (folder / name).exists():
+            raise EraserFormatError(f"--output: {folder} already holds an eraser ({name}); merge into a new folder")
+    sidecar = {
+        "family": first.family,
+        "num_blocks": len(state),
+        "dim": next(iter(first.dims.values()), None),
+        "rank": rank,
+        "dtype": str(dtype).removeprefix("torch."),
+        "lowmem_eraser_version": __version__,
+        "metadata": {"merged_from": [{"path": str(eraser.weights_path), "rank": eraser.rank,
+                                      "metadata": (eraser.sidecar or {}).get("metadata", {})} for eraser in files]},
+    }
+    sidecar_text = json.dumps(sidecar, indent=4, default=str)
+    write_weights(state, folder / (WEIGHTS_PT if format == "pt" else WEIGHTS_SAFETENSORS))
+    write_config(folder, rank)
+    atomic_write(folder / SIDECAR_JSON, lambda tmp: tmp.write_text(sidecar_text))
+    return folder
