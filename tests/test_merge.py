@@ -99,3 +99,14 @@ def test_merging_erasers_of_other_models_or_into_an_existing_eraser_is_refused(t
             merge_erasers(paths, tmp_path / "out")
     with pytest.raises(EraserFormatError, match="already holds an eraser"):
         merge_erasers(two_erasers, two_erasers[1])
+
+
+def test_the_shipped_square_config_is_the_red_one_with_the_square_prompts():
+    """configs/toy-square.yaml (the second eraser of the merged red + square figures) differs from toy.yaml only in
+    what it erases and where it writes."""
+    from lowmem_eraser.config import load_config, load_prompt_pairs
+    from lowmem_eraser.toy.prompts import prompt_pairs
+
+    red, square = load_config("configs/toy.yaml").to_dict(), load_config("configs/toy-square.yaml").to_dict()
+    assert {k for k in red if red[k] != square[k]} == {"prompts", "concept", "output_dir", "validation"}
+    assert [list(p) for p in load_prompt_pairs(square["prompts"])] == prompt_pairs("square")
