@@ -117,7 +117,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .config import TrainConfig, read_text
     from .serialization import ensure_folder, read_erasers
-    from .toy.evaluate import evaluate, markdown, write_report
+    from .toy.evaluate import (concept_attribute, concepts_markdown, evaluate, evaluate_concepts, markdown,
+                               write_report)
 
     try:
         config = TrainConfig.from_dict(yaml.safe_load(read_text(Path(args.config), "--config")))
@@ -130,10 +131,21 @@ def _eval(args: argparse.Namespace) -> None:
     eraser = Path(args.eraser)
     read_erasers(eraser)  # a folder or a weights file; a bad one is named now
     output = ensure_folder(args.output or (eraser if eraser.is_dir() else eraser.parent), "--output")
-    result = evaluate(config.model, eraser, config.concept, steps, config.sampling.guidance_scale, args.seed,
-                      config.memory.kernels)
-    print(markdown(result))
-    json_path, md_path = write_report(result, output)
+    if args.concepts:
+        for concept in args.concepts:
+            try:
+                concept_attribute(concept)
+            except LowmemEraserError as exc:
+                raise LowmemEraserError(f"--concepts: {str(exc).removeprefix('concept: ')}") from None
+        result = evaluate_concepts(config.model, eraser, args.concepts, steps, config.sampling.guidance_scale,
+                                   args.seed, config.memory.kernels)
+        print(concepts_markdown(result))
+        json_path, md_path = write_report(result, output, concepts_markdown)
+    else:
+        result = evaluate(config.model, eraser, config.concept, steps, config.sampling.guidance_scale, args.seed,
+                          config.memory.kernels)
+        print(markdown(result))
+        json_path, md_path = write_report(result, output)
     print(f"wrote {json_path} and {md_path}")
 
 
@@ -224,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: sampling.num_inference_steps)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", default=None, help="folder for eval.json and eval.md (default: the eraser folder)")
+    evaluate.add_argument("--concepts", nargs="+", default=None, metavar="CONCEPT",
+                          help="an eraser of several concepts (e.g. merged): report each and the retention of the "
+                               "prompts naming none of them (default: the config's one concept)")
     evaluate.set_defaults(run=_eval)
 
     toy = commands.add_parser("toy", help="the toy world's model")

@@ -110,3 +110,25 @@ def test_the_shipped_square_config_is_the_red_one_with_the_square_prompts():
     red, square = load_config("configs/toy.yaml").to_dict(), load_config("configs/toy-square.yaml").to_dict()
     assert {k for k in red if red[k] != square[k]} == {"prompts", "concept", "output_dir", "validation"}
     assert [list(p) for p in load_prompt_pairs(square["prompts"])] == prompt_pairs("square")
+
+
+def test_figures_for_several_concepts_count_each_and_the_retention_of_the_rest():
+    """Hand-made detector readings: a red ball, a red square, a blue square and a green ball (erase red + square)."""
+    from lowmem_eraser.toy.evaluate import concepts_figures
+    from lowmem_eraser.toy.world import Video
+
+    truth = [Video("red", "ball", "left"), Video("red", "square", "up"), Video("blue", "square", "down"),
+             Video("green", "ball", "right")]
+    erased = [Video("blue", "ball", "left"),  # red gone, ball and left kept
+              Video("green", "ball", "down"),  # red and square gone, motion wrong
+              Video("blue", "square", "down"),  # square came back
+              Video("green", "ball", "left")]  # the other prompt: motion wrong
+    figures = concepts_figures(truth, {"base": list(truth), "erased": erased}, ["red", "square"])
+    assert (figures["red_prompts"], figures["square_prompts"], figures["other_prompts"]) == (2, 2, 1)
+    assert (figures["red_rate_base"], figures["red_rate_erased"]) == (1.0, 0.0)
+    assert figures["square_rate_erased"] == 0.5
+    # kept on red prompts: red ball (shape, motion) 2/2, red square (motion) 0/1 -> 2/3
+    assert figures["red_kept_erased"] == pytest.approx(2 / 3) and figures["red_kept_base"] == 1.0
+    # kept on square prompts: red square (motion) 0/1, blue square (colour, motion) 2/2 -> 2/3
+    assert figures["square_kept_erased"] == pytest.approx(2 / 3)
+    assert figures["retention"] == pytest.approx(2 / 3)  # green ball right: colour, shape right, motion wrong

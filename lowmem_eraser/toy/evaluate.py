@@ -110,9 +110,76 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict, folder: str | Path) -> tuple[Path, Path]:
+def write_report(result: dict, folder: str | Path, table=None) -> tuple[Path, Path]:
+    """eval.json and eval.md (`table`: the Markdown writer, default `markdown`)."""
     folder = Path(folder)
     json_path, md_path = folder / "eval.json", folder / "eval.md"
     json_path.write_text(json.dumps(result, indent=2))
-    md_path.write_text(markdown(result))
+    md_path.write_text((table or markdown)(result))
     return json_path, md_path
+
+
+def concepts_figures(truth: list[Video], detected: dict[str, list[Video | None]], concepts: list[str]) -> dict:
+    """Figures of an eraser meant to erase every one of `concepts` at once (e.g. a merged red + square one), from
+    the detector's readings `detected` {"base": [...], "erased": [...]} of the prompts whose attributes are `truth`.
+
+    Per concept: how often its prompts still show it, and the accuracy of the attributes that are not erased on
+    them (a red square prompt counts for red and for square; its colour and shape are erased, its motion must
+    stay). Retention: every attribute's accuracy on the prompts that name none of the concepts, erased / base."""
+    attributes = {concept: concept_attribute(concept) for concept in concepts}
+    named = [[c for c in concepts if getattr(t, attributes[c]) == c] for t in truth]
+    result: dict = {"concepts": list(concepts), "prompts": len(truth)}
+    for concept, attribute in attributes.items():
+        rows = [i for i, names in enumerate(named) if concept in names]
+        # per prompt, the attributes none of its named concepts erases (a red square: motion only)
+        kept = [(i, name) for i in rows for name in ATTRIBUTES if name not in {attributes[c] for c in named[i]}]
+        result[f"{concept}_prompts"] = len(rows)
+        for run in ("base", "erased"):
+            shown = [detected[run][i] for i in rows]
+            result[f"{concept}_rate_{run}"] = sum(d is not None and getattr(d, attribute) == concept
+                                                  for d in shown) / max(len(rows), 1)
+            correct = [detected[run][i] is not None and getattr(detected[run][i], name) == getattr(truth[i], name)
+                       for i, name in kept]
+            result[f"{concept}_kept_{run}"] = sum(correct) / len(correct) if correct else float("nan")
+    rest = [i for i, names in enumerate(named) if not names]
+    result["other_prompts"] = len(rest)
+    for run in ("base", "erased"):
+        shown, expected = [detected[run][i] for i in rest], [truth[i] for i in rest]
+        result[f"other_accuracy_{run}"] = (sum(_accuracy(shown, expected, name) for name in ATTRIBUTES)
+                                           / len(ATTRIBUTES)) if rest else float("nan")
+    result["retention"] = result["other_accuracy_erased"] / max(result["other_accuracy_base"], 1e-9)
+    return result
+
+
+def evaluate_concepts(model: str | Path, eraser: str | Path, concepts: list[str], steps: int = 25,
+                      guidance: float = 5.0, seed: int = 0, kernels: str = "auto") -> dict:
+    """`concepts_figures` of `eraser` on every held-out prompt (generated as `evaluate` does)."""
+    from .. import erasers_disabled, load_erasers
+    from ..infer import load_pipeline
+
+    for concept in concepts:
+        concept_attribute(concept)  # an unknown concept is named before any generation
+    prompts, truth = map(list, zip(*held_out_prompts()))
+    pipe = load_pipeline(model)
+    load_erasers(pipe.transformer, eraser).kernels = kernels
+    with erasers_disabled(pipe.transformer):
+        base = generate(pipe, prompts, seed, steps, guidance)
+    erased = generate(pipe, prompts, seed, steps, guidance)
+    detected = {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
+    return {**concepts_figures(truth, detected, concepts), "steps": steps, "guidance": guidance, "seed": seed}
+
+
+def concepts_markdown(result: dict) -> str:
+    """The several-concepts table as Markdown."""
+    lines = [f"# Erasing {' + '.join(repr(c) for c in result['concepts'])} in the toy world (held-out phrasings, "
+             f"{result['steps']} steps, guidance {result['guidance']}, seed {result['seed']})", "",
+             "| figure | base | erased |", "|---|---:|---:|"]
+    for concept in result["concepts"]:
+        lines += [f"| {concept} prompts ({result[f'{concept}_prompts']}): {concept} generated | "
+                  f"{result[f'{concept}_rate_base']:.1%} | {result[f'{concept}_rate_erased']:.1%} |",
+                  f"| {concept} prompts: the attributes no listed concept erases, correct | "
+                  f"{result[f'{concept}_kept_base']:.1%} | {result[f'{concept}_kept_erased']:.1%} |"]
+    lines += [f"| prompts naming none of them ({result['other_prompts']}): mean attribute accuracy | "
+              f"{result['other_accuracy_base']:.1%} | {result['other_accuracy_erased']:.1%} |",
+              f"| retention (erased / base) | | {result['retention']:.3f} |"]
+    return "\n".join(lines) + "\n"
