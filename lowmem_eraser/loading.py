@@ -22,6 +22,16 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0][:300] if text else "") or type(exc).__name__
 
 
+def folder_json(model: str | os.PathLike, relative: str) -> dict:
+    """A JSON object in a local model folder (`transformer/config.json`, `vae/config.json`, `model_index.json`);
+    {} when it is missing or unreadable (the loaders name a broken file when they load the component)."""
+    try:
+        value = json.loads((Path(model) / relative).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def find_broken_file(folder: Path) -> tuple[Path, str] | None:
     """The first JSON or safetensors file in `folder` that does not parse, with the reason; None if all do."""
     import safetensors

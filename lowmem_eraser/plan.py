@@ -37,6 +37,7 @@ from .adapter import attach_erasers
 from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
 from .memory import LiveTensorTracker, pinned_allocation_bytes, tensor_bytes
+from .loading import folder_json
 from .offload import aligned_bytes
 from .quantize import quantize_base
 from .sampling import latent_frames, make_pipeline, rotary_embeddings
@@ -323,10 +324,7 @@ def model_facts(model: str | Path) -> ModelFacts:
         return ModelFacts(p.transformer_class, p.vae_scale, p.expand_timesteps)
     transformer_config(model)  # a PlanError naming --model when it is neither a preset nor a model folder
     vae = vae_config(model, False) or {}
-    try:
-        index = json.loads((Path(model) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = folder_json(model, "model_index.json")
     return ModelFacts(transformer_class(model), int(vae.get("scale_factor_spatial", 8)),
                       bool(index.get("expand_timesteps", False)))
 

@@ -32,15 +32,13 @@ def make_pipeline(transformer, scheduler, model_dir: str | Path | None = None, t
     no VAE): CogVideoXPipeline, WanPipeline, HunyuanVideoPipeline. Without a VAE a pipeline assumes 8x spatial
     compression; with `model_dir` the factors come from its vae/config.json (Wan2.2's VAE compresses 16x), and the
     pipeline's own settings from its model_index.json. `transformer_2`: Wan2.2 A14B's low-noise expert."""
-    import json
+    from .loading import folder_json
 
     runtime = runtime_of(transformer)
     experts = {"transformer_2": transformer_2} if transformer_2 is not None else {}
     pipe = runtime.pipeline(transformer=transformer, scheduler=scheduler, **experts, **runtime.folder_options(model_dir))
-    try:
-        vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text()) if model_dir is not None else {}
-    except (OSError, ValueError):
-        vae = {}  # no VAE (the toy world) or an unreadable one (infer/validation name it when they load it)
+    # no VAE (the toy world) or an unreadable one ({}: infer/validation name it when they load it)
+    vae = folder_json(model_dir, "vae/config.json") if model_dir is not None else {}
     for attribute, key in (("vae_scale_factor_spatial", "scale_factor_spatial"),
                            ("vae_scale_factor_temporal", "scale_factor_temporal")):
         if isinstance(vae.get(key), int) and hasattr(pipe, attribute):

@@ -88,12 +88,13 @@ def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embed
     del pipe
 
     # as `infer`: a CogVideoX folder without a VAE is the toy world, decoded by its renderer
-    toy = not (Path(model_dir) / "vae").is_dir() and runtime_of_folder(model_dir).pipeline_class == "CogVideoXPipeline"
+    runtime = runtime_of_folder(model_dir)
+    toy = not (Path(model_dir) / "vae").is_dir() and runtime.pipeline_class == "CogVideoXPipeline"
     videos = _decode(base + erased, model_dir, embeddings.dtype, device, toy)
     folder = Path(out_dir) / "validation" / f"step-{step:06d}"
     for i in range(len(base)):
         path = export(side_by_side(videos[i], videos[len(base) + i]), folder / f"{i:02d}.gif",
-                      fps=FPS if toy else runtime_of_folder(model_dir).fps)
+                      fps=FPS if toy else runtime.fps)
         if tracker is not None:
             tracker.log_media(f"validation/{i:02d}", path, step)
 

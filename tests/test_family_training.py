@@ -21,6 +21,7 @@ from lowmem_eraser.cli import main as cli_main
 from lowmem_eraser.families import HUNYUAN_VIDEO, WAN
 from lowmem_eraser.sampling import renoise
 from lowmem_eraser.tiny import build_tiny_hunyuan, build_tiny_wan
+from test_train import make_config  # the tiny CogVideoX runs' config: a `model/` folder and its prompts.yaml
 
 PAIRS = [
     ["a red ball moving left", "a blue ball moving left"],
@@ -61,26 +62,6 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wan_model(models):
     return models("Wan")
-
-
-def make_config(root, out, **sections):
-    config = {
-        "model": str(root / "model"),
-        "prompts": str(root / "prompts.yaml"),
-        "concept": "red",
-        "output_dir": str(out),
-        "eraser": {"rank": 8},
-        "loss": {"eta": 3.0, "alpha": 1.0, "beta": 1.0, "mask_threshold": 0.1},
-        "sampling": {"mode": "renoise", "num_inference_steps": 4, "guidance_scale": 4.0},
-        "video": {"frames": 9, "height": 64, "width": 64},
-        "train": {"steps": 4, "lr": 5.0e-3, "save_every": 100},
-        "memory": {"quantize": "int8", "dtype": "float32", "kernels": "torch"},
-    }
-    for section, values in sections.items():
-        config[section] = {**config.get(section, {}), **values}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_prompts_are_encoded_exactly_as_wan_pipeline_encodes_them(wan_model, tmp_path):

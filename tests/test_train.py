@@ -46,7 +46,7 @@ def make_config(tiny_model, out: Path, **sections) -> Path:
                    "kernels": "torch"},
     }
     for section, values in sections.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path = out.parent / f"{out.name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))

@@ -7,7 +7,6 @@ Adding a family = one file here that calls `register(Family(...))`, plus its tes
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LowmemEraserError
+from ..loading import folder_json
 from .runtime import Runtime
 
 
@@ -156,11 +156,7 @@ def family_of(transformer: nn.Module) -> Family:
 def transformer_config_json(model: str | os.PathLike) -> dict:
     """A local diffusers model folder's transformer/config.json; {} when it cannot be read (the loaders then name
     the missing or broken file)."""
-    try:
-        config = json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
+    return folder_json(model, "transformer/config.json")
 
 
 def family_of_folder(model: str | os.PathLike) -> Family | None:

@@ -48,16 +48,9 @@ class Runtime:
     def size_multiple(self, model_dir) -> int:
         """Height and width must be multiples of this: the VAE's spatial compression (vae/config.json; 8 when it
         cannot be read) x the transformer's spatial patch (Wan2.2-TI2V-5B: 16 x 2 = 32; the others 8 x 2)."""
-        import json
+        from ..loading import folder_json
 
-        def read(sub):
-            try:
-                value = json.loads((Path(model_dir) / sub / "config.json").read_text())
-            except (OSError, ValueError):
-                return {}
-            return value if isinstance(value, dict) else {}
-
-        vae, transformer = read("vae"), read("transformer")
+        vae, transformer = folder_json(model_dir, "vae/config.json"), folder_json(model_dir, "transformer/config.json")
         scale = vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio") or 8
         patch = transformer.get("patch_size", 2)
         patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
@@ -69,14 +62,11 @@ class Runtime:
 
     def folder_options(self, model_dir) -> dict:
         """`pipeline_options` as the folder's model_index.json sets them (absent: the pipeline's defaults)."""
-        import json
+        from ..loading import folder_json
 
         if not self.pipeline_options or model_dir is None:
             return {}
-        try:
-            index = json.loads((Path(model_dir) / "model_index.json").read_text())
-        except (OSError, ValueError):
-            return {}
+        index = folder_json(model_dir, "model_index.json")
         return {name: index[name] for name in self.pipeline_options if name in index}
 
     def max_text_length(self, transformer_config: dict) -> int:

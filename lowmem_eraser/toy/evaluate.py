@@ -38,23 +38,28 @@ def _accuracy(detected: list[Video | None], truth: list[Video], attribute: str) 
     return sum(d is not None and getattr(d, attribute) == getattr(t, attribute) for d, t in zip(detected, truth)) / len(truth)
 
 
-def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0,
-             kernels: str = "auto") -> dict:
-    """Base vs erased figures on the held-out prompts (see the module doc); `kernels` as `memory.kernels`."""
+def _generate_and_detect(model, eraser, steps: int, guidance: float, seed: int, kernels: str):
+    """Every held-out prompt generated with the erasers off, then on, from the same seed, and read back:
+    (prompts, their attributes, base latents, erased latents, {"base": readings, "erased": readings})."""
     from .. import erasers_disabled, load_erasers
     from ..infer import load_pipeline
 
-    attribute = concept_attribute(concept)
-    others = [name for name in ATTRIBUTES if name != attribute]
     prompts, truth = map(list, zip(*held_out_prompts()))
-    is_target = [getattr(video, attribute) == concept for video in truth]
-
     pipe = load_pipeline(model)
     load_erasers(pipe.transformer, eraser).kernels = kernels
     with erasers_disabled(pipe.transformer):
         base = generate(pipe, prompts, seed, steps, guidance)
     erased = generate(pipe, prompts, seed, steps, guidance)
-    detected = {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
+    return prompts, truth, base, erased, {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
+
+
+def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+             kernels: str = "auto") -> dict:
+    """Base vs erased figures on the held-out prompts (see the module doc); `kernels` as `memory.kernels`."""
+    attribute = concept_attribute(concept)
+    others = [name for name in ATTRIBUTES if name != attribute]
+    prompts, truth, base, erased, detected = _generate_and_detect(model, eraser, steps, guidance, seed, kernels)
+    is_target = [getattr(video, attribute) == concept for video in truth]
 
     def subset(values, target):
         return [v for v, t in zip(values, is_target) if t == target]
@@ -154,18 +159,9 @@ def concepts_figures(truth: list[Video], detected: dict[str, list[Video | None]]
 def evaluate_concepts(model: str | Path, eraser: str | Path, concepts: list[str], steps: int = 25,
                       guidance: float = 5.0, seed: int = 0, kernels: str = "auto") -> dict:
     """`concepts_figures` of `eraser` on every held-out prompt (generated as `evaluate` does)."""
-    from .. import erasers_disabled, load_erasers
-    from ..infer import load_pipeline
-
     for concept in concepts:
         concept_attribute(concept)  # an unknown concept is named before any generation
-    prompts, truth = map(list, zip(*held_out_prompts()))
-    pipe = load_pipeline(model)
-    load_erasers(pipe.transformer, eraser).kernels = kernels
-    with erasers_disabled(pipe.transformer):
-        base = generate(pipe, prompts, seed, steps, guidance)
-    erased = generate(pipe, prompts, seed, steps, guidance)
-    detected = {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
+    _, truth, _, _, detected = _generate_and_detect(model, eraser, steps, guidance, seed, kernels)
     return {**concepts_figures(truth, detected, concepts), "steps": steps, "guidance": guidance, "seed": seed}
 
 
