@@ -118,6 +118,18 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
                                    "--output", out], "none"),
         ("eval: --steps 0", ["eval", "--config", str(paths["config"]), "--eraser", eraser, "--steps", "0"], "--steps"),
         ("eval: --steps -3", ["eval", "--config", str(paths["config"]), "--eraser", eraser, "--steps", "-3"], "--steps"),
+        ("attack: --tokens 0", ["attack", "--config", str(paths["config"]), "--eraser", eraser, "--tokens", "0"],
+         "--tokens"),
+        ("attack: --tokens above the text length", ["attack", "--config", str(paths["config"]), "--eraser", eraser,
+                                                    "--tokens", "9"], "--tokens"),  # the tiny model: 8 positions
+        ("attack: --steps 0", ["attack", "--config", str(paths["config"]), "--eraser", eraser, "--steps", "0"],
+         "--steps"),
+        ("attack: eraser missing", ["attack", "--config", str(paths["config"]), "--eraser", str(root / "none")],
+         "none"),
+        ("train: loss.adversarial.tokens above the text length", ["train", "--config", _config_with(
+            paths, "advk", loss={"adversarial": {"every": 1, "tokens": 9}})], "loss.adversarial.tokens"),
+        ("train: loss.adversarial.inner_steps 0", ["train", "--config", _config_with(
+            paths, "advs", loss={"adversarial": {"every": 1, "inner_steps": 0}})], "loss.adversarial.inner_steps"),
         ("inspect: not an eraser", ["inspect", _file(paths, "junk.pt", b"not a checkpoint")], "junk.pt"),
         ("inspect: folder without weights", ["inspect", str(root)], str(root.name)),
         ("convert: bad destination suffix", ["convert", eraser, str(root / "w.bin")], "w.bin"),

@@ -113,17 +113,11 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import yaml
-
-    from .config import TrainConfig, read_text
     from .serialization import ensure_folder, read_erasers
     from .toy.evaluate import (concept_attribute, concepts_markdown, evaluate, evaluate_concepts, markdown,
                                write_report)
 
-    try:
-        config = TrainConfig.from_dict(yaml.safe_load(read_text(Path(args.config), "--config")))
-    except yaml.YAMLError as exc:
-        raise LowmemEraserError(f"--config: cannot read {args.config} ({exc})") from None
+    config = _toy_config(args.config)
     # Every argument is checked before the evaluation (minutes): nothing fails after it and loses the report.
     steps = config.sampling.num_inference_steps if args.steps is None else args.steps
     if steps < 1:
@@ -131,13 +125,15 @@ def _eval(args: argparse.Namespace) -> None:
     eraser = Path(args.eraser)
     read_erasers(eraser)  # a folder or a weights file; a bad one is named now
     output = ensure_folder(args.output or (eraser if eraser.is_dir() else eraser.parent), "--output")
-    if args.concepts:
-        for concept in args.concepts:
+    names = [entry.concept for entry in config.concept_entries()]  # a config of several concepts: all of them
+    concepts = args.concepts or (names if len(names) > 1 else None)
+    if concepts:
+        for concept in concepts:
             try:
                 concept_attribute(concept)
             except LowmemEraserError as exc:
                 raise LowmemEraserError(f"--concepts: {str(exc).removeprefix('concept: ')}") from None
-        result = evaluate_concepts(config.model, eraser, args.concepts, steps, config.sampling.guidance_scale,
+        result = evaluate_concepts(config.model, eraser, concepts, steps, config.sampling.guidance_scale,
                                    args.seed, config.memory.kernels)
         print(concepts_markdown(result))
         json_path, md_path = write_report(result, output, concepts_markdown)
@@ -147,6 +143,48 @@ def _eval(args: argparse.Namespace) -> None:
         print(markdown(result))
         json_path, md_path = write_report(result, output)
     print(f"wrote {json_path} and {md_path}")
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from .attack import SoftPrompt, check_soft_prompt
+    from .serialization import ensure_folder, read_erasers
+    from .toy.attack import attack_markdown, evaluate_attack, write_attack_report
+
+    config = _toy_config(args.config)
+    # Every argument is checked before the attack (minutes): nothing fails after it and loses the report.
+    length = _text_length(config.model)
+    tokens = length if args.tokens is None else args.tokens
+    check_soft_prompt(tokens, args.steps, length)
+    if args.lr <= 0:
+        raise LowmemEraserError(f"--lr: expected a value > 0, got {args.lr}")
+    eraser = Path(args.eraser)
+    read_erasers(eraser)
+    output = ensure_folder(args.output or (eraser if eraser.is_dir() else eraser.parent), "--output")
+    concepts = [entry.concept for entry in config.concept_entries()]  # a config of several concepts: each attacked
+    result = evaluate_attack(config.model, eraser, concepts, SoftPrompt(tokens, args.steps, args.lr),
+                             config.sampling.num_inference_steps, config.sampling.guidance_scale, args.seed,
+                             config.memory.kernels)
+    print(attack_markdown(result))
+    json_path, md_path = write_attack_report(result, output)
+    print(f"wrote {json_path} and {md_path}")
+
+
+def _toy_config(path: str):
+    """A training config read for `eval` / `attack` (no file checks: only its model, concept and sampling)."""
+    import yaml
+
+    from .config import TrainConfig, read_text
+
+    try:
+        return TrainConfig.from_dict(yaml.safe_load(read_text(Path(path), "--config")))
+    except yaml.YAMLError as exc:
+        raise LowmemEraserError(f"--config: cannot read {path} ({exc})") from None
+
+
+def _text_length(model: Path) -> int:
+    from .families import runtime_of_folder, transformer_config_json
+
+    return runtime_of_folder(model, "model").max_text_length(transformer_config_json(model))
 
 
 def _toy_build(args: argparse.Namespace) -> int:
@@ -240,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an eraser of several concepts (e.g. merged): report each and the retention of the "
                                "prompts naming none of them (default: the config's one concept)")
     evaluate.set_defaults(run=_eval)
+
+    attack = commands.add_parser("attack", help="toy world: attack success rate of a white-box soft-prompt attack "
+                                                "on the base model and on an eraser")
+    attack.add_argument("--config", required=True, help="the training config (model, concept, sampling)")
+    attack.add_argument("--eraser", required=True, help="eraser folder or weights file")
+    attack.add_argument("--tokens", type=int, default=None, help="K: the vectors take the last K positions of each "
+                        "prompt's text condition (default: all of them; fewer: tokens appended after the prompt)")
+    attack.add_argument("--steps", type=int, default=100, help="S: Adam steps per attack (default 100)")
+    attack.add_argument("--lr", type=float, default=0.1, help="Adam step, x the text condition's RMS (default 0.1)")
+    attack.add_argument("--seed", type=int, default=0, help="generation seed (the attack's targets use seed + 10000)")
+    attack.add_argument("--output", default=None, help="folder for attack.json and attack.md (default: the eraser folder)")
+    attack.set_defaults(run=_attack)
 
     toy = commands.add_parser("toy", help="the toy world's model")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import types
 import typing
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import yaml
 
@@ -52,11 +53,13 @@ class _Section:
             setattr(self, spec.name, _checked(name, getattr(self, spec.name), hints[spec.name], spec.metadata))
 
     @classmethod
-    def from_dict(cls, data: Any):
-        """Build from a parsed YAML mapping; unknown and missing keys are errors."""
+    def from_dict(cls, data: Any, where: str | None = None):
+        """Build from a parsed YAML mapping; unknown and missing keys are errors. `where`: the section's name in
+        the errors (default its `key`; a list entry's is e.g. `concepts[1]`)."""
+        where = cls.key if where is None else where
         if not isinstance(data, dict):
-            raise ConfigError(f"{cls.key or 'config'}: expected a mapping, got {data!r}")
-        prefix = f"{cls.key}." if cls.key else ""
+            raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        prefix = f"{where}." if where else ""
         known = [spec.name for spec in fields(cls)]
         for name in data:
             if name not in known:
@@ -64,13 +67,20 @@ class _Section:
         for spec in fields(cls):
             if spec.default is MISSING and spec.default_factory is MISSING and spec.name not in data:
                 raise ConfigError(f"{prefix}{spec.name}: missing (required)")
-        return cls(**data)
+        # checked here under `where`'s names (construction checks them again, already converted)
+        hints = typing.get_type_hints(cls)
+        return cls(**{spec.name: _checked(f"{prefix}{spec.name}", data[spec.name], hints[spec.name], spec.metadata)
+                      for spec in fields(cls) if spec.name in data})
 
 
 def _checked(name: str, value: Any, kind: type, metadata) -> Any:
     """`value` converted to `kind` and checked against the field's rule or choices, or a ConfigError."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        if value is None:  # an optional field (`str | None`) left out
+            return None
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
     if is_dataclass(kind):
-        return value if isinstance(value, kind) else kind.from_dict(value)
+        return value if isinstance(value, kind) else kind.from_dict(value, name)
     if typing.get_origin(kind) is list:  # list[str] and the like: each item checked as its own field `name[i]`
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
@@ -115,6 +125,25 @@ class EraserConfig(_Section):
 
 
 @dataclass
+class AdversarialConfig(_Section):
+    """Adversarial training (Receler's adversarial prompt learning, AdvUnlearn): every `every` steps (0 = off) an
+    inner loop of `inner_steps` Adam steps (size `lr` x the condition's RMS) finds `tokens` soft-prompt vectors
+    in each target prompt's text condition (its last `tokens` positions) that make the CURRENT eraser reproduce
+    the original model's prediction (attack.py, the attack of `lowmem-eraser attack`); the step then also trains the erasers to erase the concept under
+    them, weighted by `weight`. Only the vectors train in the inner loop; the base stays frozen. An adversarial
+    step draws x_t as the attack does, re-noised from the original model's sample of the prompt (x0, generated
+    once and cached as `sampling.mode: renoise` does), whatever `sampling.mode` says: under attack the concept
+    comes back into x_t, a state the erased model's own trajectory never visits."""
+
+    key: ClassVar[str] = "loss.adversarial"
+    every: int = field(default=0, metadata=_NON_NEGATIVE)
+    tokens: int = field(default=4, metadata=_POSITIVE)
+    inner_steps: int = field(default=10, metadata=_POSITIVE)
+    weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    lr: float = field(default=0.1, metadata=_POSITIVE)
+
+
+@dataclass
 class LossConfig(_Section):
     """L = L_unlearn + alpha·L_loc + beta·L_pre, with the negative guidance strength eta (SPEC §3).
 
@@ -128,6 +157,7 @@ class LossConfig(_Section):
     alpha: float = field(default=1.0, metadata=_NON_NEGATIVE)
     beta: float = field(default=0.0, metadata=_NON_NEGATIVE)
     mask_threshold: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v <= 1, "a value in [0, 1]"))
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass
@@ -222,13 +252,33 @@ class ValidationConfig(_Section):
 
 
 @dataclass
+class ConceptConfig(_Section):
+    """One entry of `concepts:`: a concept, its prompt pairs and optionally its own eta (default `loss.eta`)."""
+
+    key: ClassVar[str] = "concepts[i]"  # from_dict names each entry `concepts[N]`
+    concept: str
+    prompts: Path
+    eta: float | None = field(default=None, metadata=_NON_NEGATIVE)
+
+
+class ConceptEntry(NamedTuple):
+    """What training reads of one concept, from either form of the config (`TrainConfig.concept_entries`)."""
+
+    concept: str
+    prompts: Path
+    eta: float  # the entry's own, else loss.eta
+
+
+@dataclass
 class TrainConfig(_Section):
-    """The whole training config. `model`, `prompts`, `concept` and `output_dir` are required."""
+    """The whole training config. `model`, `output_dir` and either `prompts` + `concept` (one concept) or
+    `concepts` (several, erased by one eraser trained on all their pairs in mixed batches) are required."""
 
     model: Path  # local diffusers model folder of a trainable family (CogVideoX, Wan, HunyuanVideo)
-    prompts: Path  # CSV with `prompt`, `normal prompt` columns, or a YAML list of pairs
-    concept: str  # word(s) whose tokens define the localisation mask
-    output_dir: Path
+    prompts: Path | None = None  # CSV with `prompt`, `normal prompt` columns, or a YAML list of pairs
+    concept: str | None = None  # word(s) whose tokens define the localisation mask
+    concepts: list[ConceptConfig] = field(default_factory=list)  # instead of concept + prompts: several
+    output_dir: Path = field(kw_only=True)
     eraser: EraserConfig = field(default_factory=EraserConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -238,9 +288,49 @@ class TrainConfig(_Section):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     report_to: str = field(default="none", metadata=_choices("none", "tensorboard", "wandb"))
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.concepts:  # exactly one of the two forms
+            for name in ("concept", "prompts"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}: give either concept + prompts (one concept) or concepts (a list), "
+                                      f"not both")
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(self.concepts):
+                word = entry.concept.strip().lower()
+                if word in seen:
+                    raise ConfigError(f"concepts[{i}].concept: {entry.concept!r} is already listed as "
+                                      f"concepts[{seen[word]}]")
+                seen[word] = i
+        else:
+            for name in ("concept", "prompts"):
+                if getattr(self, name) is None:
+                    raise ConfigError(f"{name}: missing (required)")
+
+    def concept_entries(self) -> list[ConceptEntry]:
+        """Every concept to erase with its prompt file and eta: `concepts`, or the one `concept` + `prompts`."""
+        if not self.concepts:
+            return [ConceptEntry(self.concept, self.prompts, self.loss.eta)]
+        return [ConceptEntry(entry.concept, entry.prompts, self.loss.eta if entry.eta is None else entry.eta)
+                for entry in self.concepts]
+
     def to_dict(self) -> dict:
-        """Plain YAML-safe values (paths as strings), in the file's layout: `from_dict` reads it back."""
-        return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
+        """Plain YAML-safe values (paths as strings), in the file's layout: `from_dict` reads it back. The form
+        not used (`concept` + `prompts`, or `concepts`) is left out, an entry's eta when it has none, and
+        `loss.adversarial` when it is off."""
+        data = {}
+        for name, value in asdict(self).items():
+            if name == "concepts":
+                value = [{key: str(v) if isinstance(v, Path) else v for key, v in entry.items()
+                          if not (key == "eta" and v is None)} for entry in value]
+            if value is None or value == []:
+                continue
+            if name == "loss" and not value["adversarial"]["every"]:
+                # off: left out, so that a run's fingerprint (and --resume of its checkpoints) is what it was
+                # before adversarial training existed
+                value = {key: v for key, v in value.items() if key != "adversarial"}
+            data[name] = str(value) if isinstance(value, Path) else value
+        return data
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -321,7 +411,8 @@ def validate(config: TrainConfig) -> None:
             f"eraser.rank: expected at most the model's attention dim {dim} "
             f"({config.model / 'transformer' / 'config.json'}), got {config.eraser.rank}"
         )
-    pairs = load_prompt_pairs(config.prompts)
+    pairs = load_prompt_pairs(config.prompts) if not config.concepts else None
+    entry_pairs = [_entry_pairs(config, i) for i in range(len(config.concepts))]
     if config.train.warmup_steps > config.train.steps:
         raise ConfigError(
             f"train.warmup_steps: expected at most train.steps ({config.train.steps}), got {config.train.warmup_steps}"
@@ -346,17 +437,47 @@ def validate(config: TrainConfig) -> None:
             config.memory.streamed_blocks(layers)
         except ConfigError as exc:
             raise ConfigError(f"{exc}: {config.model / 'transformer' / 'config.json'}") from None
+    adversarial = config.loss.adversarial
+    if adversarial.every > 0:
+        from .attack import check_soft_prompt
+
+        if family is not None and family.name == "HunyuanVideo":
+            raise ConfigError("loss.adversarial.every: adversarial training needs a [B, L, D] text condition; "
+                              "HunyuanVideo's is masked after the prompt (set loss.adversarial.every: 0)")
+        length = family.runtime.max_text_length(transformer_config_json(config.model)) if family else None
+        try:
+            check_soft_prompt(adversarial.tokens, adversarial.inner_steps, length or 2**31,
+                              "loss.adversarial.tokens", "loss.adversarial.inner_steps")
+        except LowmemEraserError as exc:
+            raise ConfigError(str(exc)) from None
     if config.sampling.mode == "trajectory" and config.sampling.num_inference_steps < 2:
         raise ConfigError("sampling.num_inference_steps: trajectory sampling needs at least 2 steps")
     if config.validation.every > 0 and not config.validation.prompts:
         raise ConfigError(f"validation.prompts: validation.every is {config.validation.every} but no prompts are given "
                           "(list at least one, or set validation.every: 0)")
-    if not any(concept_spans(target, config.concept) for target, _ in pairs):
+    for i, (entry, its_pairs) in enumerate(zip(config.concepts, entry_pairs)):
+        if not any(concept_spans(target, entry.concept) for target, _ in its_pairs):
+            raise ConfigError(f"concepts[{i}]: concept {entry.concept!r} appears in none of the {len(its_pairs)} "
+                              f"target prompts of {entry.prompts} (its localisation mask would be empty)")
+    if pairs is not None and not any(concept_spans(target, config.concept) for target, _ in pairs):
         warnings.warn(
             f"concept {config.concept!r} appears in none of the {len(pairs)} target prompts of {config.prompts}: "
             "the localisation mask will be empty, so L_loc penalises the eraser everywhere",
             stacklevel=2,
         )
+
+
+def _entry_pairs(config: TrainConfig, i: int) -> list[tuple[str, str]]:
+    """The prompt pairs of `concepts[i]`; a bad prompt file is named with its entry."""
+    try:
+        return load_prompt_pairs(config.concepts[i].prompts)
+    except ConfigError as exc:
+        raise ConfigError(f"concepts[{i}].{exc}") from None
+
+
+def concept_pairs(config: TrainConfig) -> list[list[tuple[str, str]]]:
+    """The prompt pairs of each of `config.concept_entries()`, in its order."""
+    return [load_prompt_pairs(entry.prompts) for entry in config.concept_entries()]
 
 
 def _attention_dim(model: Path) -> int | None:

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .activation_offload import offload_activations
 from .adapter import attach_erasers
+from .attack import AdversarialPrompts, SoftPrompt
 from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
 from .errors import LowmemEraserError
 from .memory import LiveTensorTracker, pinned_allocation_bytes, tensor_bytes
@@ -527,8 +528,12 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
     activation offload context (emulated on real CPU tensors, simulated on fake ones)."""
     for param in erasers.parameters():
         param.grad = None
+    adversarial = None
+    if loss.adversarial.every > 0:  # the inner steps build one graph at a time (with the text input's gradient):
+        adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1))  # one holds their peak
     with FlopCounter() as counter, LiveTensorTracker() as tracker:
-        eraser_losses_backward(transformer, erasers, *inputs.args(), loss, activations=activations)
+        eraser_losses_backward(transformer, erasers, *inputs.args(), loss, activations=activations,
+                               adversarial=adversarial)
     return tracker.peak_bytes, counter.flops
 
 
@@ -728,9 +733,16 @@ class Predictor:
                 self._weights[key] = device_weight_bytes(transformer, setting.swap, counts=self.counts)
         return self._weights[key]
 
-    def _passes(self, setting: Setting) -> tuple[int, int, int]:
-        """(frozen forwards, student forwards, forward-equivalents of one backward pass) of a step."""
+    def _passes(self, setting: Setting, average: bool = True) -> tuple[int, float, int]:
+        """(frozen forwards, student forwards, forward-equivalents of one backward pass) of a step: on average
+        over the run, or (`average=False`) in the simulated step. Adversarial training (`loss.adversarial`) adds
+        the adversarial pass and its inner steps every `every` steps, each counted as a student pass (forward
+        and backward: the inner steps' backward stops at the vectors' input gradients, so this is an upper bound);
+        the simulated step has the adversarial pass and one inner step (measure_step)."""
+        adversarial = self.loss.adversarial
         frozen, student = 2 + (self.loss.beta > 0 and self.loss.anchor == "empty"), 1 + (self.loss.beta > 0)
+        if adversarial.every > 0:
+            student += (1 + adversarial.inner_steps) / adversarial.every if average else 2
         return frozen, student, 3 if setting.checkpointing else 2
 
     def moved_bytes(self, setting: Setting) -> int:
@@ -742,7 +754,7 @@ class Predictor:
         passes = frozen + student + (student if setting.checkpointing else 0)
         copies = max(0, passes * swap - 4 * student) if swap > 2 else 0
         streamed = sum(self._block_sizes(setting)[:swap])
-        return (copies * streamed // swap if swap else 0) + 2 * self.predict(setting).offloaded
+        return (int(copies * streamed) // swap if swap else 0) + 2 * self.predict(setting).offloaded
 
     def step_seconds(self, setting: Setting, speeds: Speeds) -> float:
         """Predicted seconds per training step: compute at `speeds.tflops`, streamed block weights and offloaded
@@ -756,13 +768,14 @@ class Predictor:
         forwards (the other direction of the link) and come back host -> device in the backward passes, beside
         that pass's weight copies."""
         step = self.predict(setting)
-        frozen, student, backward_units = self._passes(setting)
-        units = frozen + student + backward_units * student
+        frozen, simulated, backward_units = self._passes(setting, average=False)
+        units = frozen + simulated + backward_units * simulated
         per_unit = step.flops / (speeds.tflops * 1e12) / units / self.depth  # one block, one forward-equivalent
         bandwidth = speeds.h2d_gbps * 1e9
         swapped = min(setting.swap, self.depth)
         sizes = self._block_sizes(setting)
-        activations = step.offloaded / student / self.depth / bandwidth  # one block's saved inputs, one pass
+        activations = step.offloaded / simulated / self.depth / bandwidth  # one block's saved inputs, one pass
+        student = self._passes(setting)[1]
         shares = self._stack_compute(setting)
         seconds = 0.0
         for passes, units_per_pass, down, up in (
@@ -1122,7 +1135,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"model {plan.model}, {v.frames}x{v.height}x{v.width}, rank {plan.rank}, alpha {plan.loss.alpha}, "
         f"beta {plan.loss.beta}, sampling {run.sampling}, {run.prompts} prompt pairs, text encoder "
-        f"{run.text_encoder}, {str(plan.dtype).removeprefix('torch.')}, budget {plan.budget / GiB:.1f} GiB",
+        f"{run.text_encoder}, {str(plan.dtype).removeprefix('torch.')}, budget {plan.budget / GiB:.1f} GiB"
+        + (f", adversarial every {adv.every} steps ({adv.tokens} vectors, {adv.inner_steps} inner steps: peak of "
+           "one more student pass, time averaged over the steps)" if (adv := plan.loss.adversarial).every else ""),
         f"needs = predicted allocated peak x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + "
         f"{CUDA_CONTEXT_BYTES / GiB:.1f} GiB (CUDA context); a process fits when every stage's needs <= budget",
         f"s/step = predicted at {plan.speeds.tflops:g} TFLOP/s and {plan.speeds.h2d_gbps:g} GB/s host<->device, "
@@ -1245,7 +1260,7 @@ def plan_defaults(config_path: str | None, model: str | None = None) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PlanError(f"--config: cannot read {config_path} ({exc})") from None
     try:
-        prompts = len(load_prompt_pairs(config.prompts))
+        prompts = sum(len(load_prompt_pairs(entry.prompts)) for entry in config.concept_entries())
     except LowmemEraserError:
         prompts = defaults["prompts"]  # the prompt file is not here yet: plan the default count
     v = config.video

@@ -235,9 +235,15 @@ RESULT_FIELDS = ("model", "concept", "eraser", "loss", "sampling", "video", "tra
 
 
 def fingerprint(config_dict: dict, prompt_pairs: list) -> dict:
-    """The values of RESULT_FIELDS (dotted names) plus a hash of the prompts' content."""
+    """The values of RESULT_FIELDS (dotted names) plus a hash of the prompts' content. A config of several
+    `concepts` has no `concept`: each entry's concept and eta instead (its prompts are in the hash)."""
     values = {}
+    if "concepts" in config_dict:
+        values["concepts"] = [{"concept": entry["concept"], "eta": entry.get("eta")}
+                              for entry in config_dict["concepts"]]
     for name in RESULT_FIELDS:
+        if name not in config_dict and name == "concept" and "concepts" in config_dict:
+            continue
         value = config_dict
         for part in name.split("."):
             value = value[part]

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from . import runfolder
 from .activation_offload import offload_activations
 from .adapter import attach_erasers, erasers_disabled
-from .config import TrainConfig, TrainLoopConfig, load_prompt_pairs, validate
+from .attack import AdversarialPrompts, SoftPrompt, learn_soft_prompt, with_soft_prompt
+from .config import TrainConfig, TrainLoopConfig, concept_pairs, validate
 from .errors import LowmemEraserError
 from .families import block_count, family_of, runtime_of_folder, transformer_config_json
 from .loading import from_pretrained_or_error, model_files
@@ -42,7 +43,7 @@ from .sampling import (expert_groups, generate_clean_latents, latent_frames, mak
                        runtime_of, step_extras, trajectory)
 from .serialization import atomic_write, save_erasers
 from .plots import plot_losses
-from .text import cache_key, encode_prompts
+from .text import PromptEmbeddings, cache_key, encode_prompts
 from .tracking import make_tracker
 from .validation import encode_validation_prompts, run_validation
 
@@ -122,12 +123,19 @@ def velocity(transformer, x_t, t, text, extras):
 
 
 def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
-                           activations=None):
+                           activations=None, eta=None, adversarial: AdversarialPrompts | None = None):
     """One T2VUnlearning step's passes: computes the losses and accumulates their gradients in the adapters.
 
     `activations`: a context manager entered around each pass that builds a graph (the student passes), e.g.
     activation_offload.offload_activations(...); None keeps saved activations where autograd puts them.
-    Returns the detached loss terms {"loss", "unlearn", "loc", "pre"}. Used by the loop below and by the
+    `eta`: the negative guidance strength, a float or one per sample (a tensor [B], e.g. each sample's concept's
+    in a run of several concepts); None: `loss_cfg.eta`.
+    `adversarial` (every `loss.adversarial.every` steps): before the erased model's passes, an inner loop learns
+    soft-prompt vectors in c that make the current erasers reproduce v_θ(x_t, c) (attack.learn_soft_prompt:
+    gradients to the vectors only, on this step's x_t and t, one graph at a time; from `adversarial.start`, the
+    result left in `adversarial.learned`), and a further pass trains the erasers toward v_neg under them:
+    + loss.adversarial.weight·‖v_θ'(x_t, [c; s]) − v_neg‖² ("adv").
+    Returns the detached loss terms {"loss", "unlearn", "loc", "pre", "adv"}. Used by the loop below and by the
     benchmarks and the memory planner, so that all of them measure the same step.
     """
     saving = activations if activations is not None else contextlib.nullcontext()
@@ -142,12 +150,24 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
             v_c = velocity(transformer, x_t, t, c, extras)
         v_anchor = velocity(transformer, x_t, t, c_pre if anchored else empty, extras)
         v_anchor = v_anchor.float()  # fp32 before the difference: eta amplifies its rounding error
-        v_neg = v_anchor - loss_cfg.eta * (v_c.float() - v_anchor)
-        del v_c
+        if eta is None:
+            eta = loss_cfg.eta
+        elif torch.is_tensor(eta):  # [B], broadcast over the prediction's other dims
+            eta = eta.to(v_anchor.device, v_anchor.dtype).reshape(-1, *[1] * (v_anchor.dim() - 1))
+        v_neg = v_anchor - eta * (v_c.float() - v_anchor)
+        if adversarial is None:
+            del v_c
         v_pre = None
         if loss_cfg.beta > 0:
             v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, extras)).float()
         del v_anchor
+
+    soft = None
+    if adversarial is not None:  # the vectors that bring the concept back under the current erasers (base frozen)
+        soft, _ = learn_soft_prompt(transformer, c, adversarial.spec, lambda i: (x_t, t, v_c), extras,
+                                    activations=activations, start=adversarial.start)
+        adversarial.learned = soft
+        del v_c
 
     # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
     loc = torch.zeros((), device=x_t.device)
@@ -160,15 +180,25 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
             v_erased = velocity(transformer, x_t, t, c, extras)
     unlearn = F.mse_loss(v_erased.float(), v_neg)
     (unlearn + loss_cfg.alpha * loc).backward()
-    del v_erased, v_neg
+    del v_erased
+    adv = torch.zeros((), device=x_t.device)
+    if soft is not None:  # a graph of its own, built after the first one is freed
+        with saving:
+            v_erased_adv = velocity(transformer, x_t, t, with_soft_prompt(c, soft), extras)
+        adv = F.mse_loss(v_erased_adv.float(), v_neg)
+        (loss_cfg.adversarial.weight * adv).backward()
+        del v_erased_adv
+    del v_neg
     pre = torch.zeros((), device=x_t.device)
     if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
         with saving:
             v_erased_pre = velocity(transformer, x_t, t, c_pre, extras)
         pre = F.mse_loss(v_erased_pre.float(), v_pre)
         (loss_cfg.beta * pre).backward()
-    unlearn, loc, pre = unlearn.detach(), loc.detach(), pre.detach()
-    return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre, "unlearn": unlearn, "loc": loc, "pre": pre}
+    unlearn, loc, pre, adv = unlearn.detach(), loc.detach(), pre.detach(), adv.detach()
+    weight = loss_cfg.adversarial.weight
+    return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre + weight * adv, "unlearn": unlearn,
+            "loc": loc, "pre": pre, "adv": adv}
 
 
 def warn_missing_concept(concept: str, prompts: list[str], concept_tokens: torch.Tensor, max_length: int) -> None:
@@ -193,21 +223,30 @@ def warn_missing_concept(concept: str, prompts: list[str], concept_tokens: torch
 
 
 def experts_losses_backward(pipe, sets, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
-                            activations=None):
+                            activations=None, eta=None, adversarial: AdversarialPrompts | None = None):
     """`eraser_losses_backward` on the pipeline's expert that serves the batch's timesteps (one expert: the whole
     batch). Wan2.2 A14B: the samples at t >= boundary train `transformer`'s erasers, the others `transformer_2`'s,
-    each on the mean loss of its own samples; the returned terms are averaged over the whole batch."""
+    each on the mean loss of its own samples; the returned terms are averaged over the whole batch. `eta`: as
+    `eraser_losses_backward`'s (a per-sample tensor is split with the batch)."""
     experts, groups = pipeline_experts(pipe), expert_groups(pipe, t)
     if len(groups) == 1:
         k = groups[0][0]
         return eraser_losses_backward(experts[k], sets[k], x_t, t, c, empty, c_pre, concept_tokens, extras, frames,
-                                      loss_cfg, activations=activations)
+                                      loss_cfg, activations=activations, eta=eta, adversarial=adversarial)
     total: dict[str, torch.Tensor] = {}
     for k, positions in groups:
         on_device = positions.to(x_t.device)
+        part_adversarial = None if adversarial is None else AdversarialPrompts(
+            adversarial.spec, None if adversarial.start is None else adversarial.start[positions])
         part = eraser_losses_backward(experts[k], sets[k], x_t[on_device], t[on_device], c[on_device],
                                       empty[on_device], c_pre[on_device], concept_tokens[positions], extras, frames,
-                                      loss_cfg, activations=activations)
+                                      loss_cfg, activations=activations,
+                                      eta=eta[positions.to(eta.device)] if torch.is_tensor(eta) else eta,
+                                      adversarial=part_adversarial)
+        if adversarial is not None:  # each expert's samples' vectors back in the batch's order
+            if adversarial.learned is None:
+                adversarial.learned = c.new_zeros(c.shape[0], adversarial.spec.tokens, c.shape[2], dtype=torch.float32)
+            adversarial.learned[on_device] = part_adversarial.learned
         for name, value in part.items():
             total[name] = total.get(name, 0) + value * (len(positions) / t.shape[0])
     return total
@@ -223,8 +262,10 @@ def cached(path: Path, make):
     return value
 
 
-def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run: dict) -> dict:
-    """Everything a bit-exact resume needs (`run`: the fingerprint and config it was trained with)."""
+def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run: dict,
+                   adversarial_vectors: torch.Tensor | None = None) -> dict:
+    """Everything a bit-exact resume needs (`run`: the fingerprint and config it was trained with;
+    `adversarial_vectors`: adversarial training's per-prompt vectors, kept between visits)."""
     state = {
         "step": step,
         "erasers": erasers.state_dict(),
@@ -236,12 +277,15 @@ def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if adversarial_vectors is not None:
+        state["adversarial_vectors"] = adversarial_vectors
     return state
 
 
-def save_checkpoint(out: Path, step: int, erasers, optimizer, generator, bad_steps: int, run: dict, keep: int):
+def save_checkpoint(out: Path, step: int, erasers, optimizer, generator, bad_steps: int, run: dict, keep: int,
+                    adversarial_vectors: torch.Tensor | None = None):
     """`checkpoint/step-N/` = training_state.pt + the published eraser, as one unit (runfolder.save_checkpoint)."""
-    state = training_state(step, erasers, optimizer, generator, bad_steps, run)
+    state = training_state(step, erasers, optimizer, generator, bad_steps, run, adversarial_vectors)
     return runfolder.save_checkpoint(out, step, state, lambda folder: save_erasers(erasers, folder,
                                                                                    metadata={"step": step}), keep)
 
@@ -279,8 +323,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 def _train(config: TrainConfig, resume: bool, out: Path, signals) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.memory.dtype]
-    pairs = load_prompt_pairs(config.prompts)
-    run = {"fingerprint": runfolder.fingerprint(config.to_dict(), pairs), "config": config.to_dict()}
+    pairs = concept_pairs(config)  # one list of pairs per concept (one concept: one list)
+    # one concept: its pairs, as the fingerprint always had them; several: each concept's list (its split counts)
+    run = {"fingerprint": runfolder.fingerprint(config.to_dict(), pairs[0] if len(pairs) == 1 else pairs),
+           "config": config.to_dict()}
     checkpoint = None
     if resume:
         checkpoint, folder = runfolder.load_checkpoint(out)
@@ -296,23 +342,56 @@ def _train(config: TrainConfig, resume: bool, out: Path, signals) -> Path:
         tracker.close()
 
 
-def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, pairs, run: dict, tracker,
+def draw_pairs(sizes: list[int], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices [batch_size] into the concatenated pairs of concepts with `sizes` pairs each: one concept, uniform
+    over its pairs (the draw every single-concept run made); several, balanced: each slot picks a concept
+    uniformly, then one of its pairs uniformly, so that a concept with fewer pairs is trained as often."""
+    if len(sizes) == 1:
+        return torch.randint(0, sizes[0], (batch_size,), generator=generator)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    concepts = torch.randint(0, len(sizes), (batch_size,), generator=generator).tolist()
+    return torch.tensor([offsets[k] + int(torch.randint(0, sizes[k], (), generator=generator)) for k in concepts])
+
+
+def _encode_concepts(config: TrainConfig, entries, pairs, max_length, dtype, device, cache):
+    """Every concept's prompts encoded with its own concept words (one cache file each), concatenated in the
+    entries' order; a warning per concept whose words have no tokens in some of its target prompts."""
+    runtime = runtime_of_folder(config.model)
+    texts = [encode_prompts(config.model, its_pairs, entry.concept, max_length, dtype, device, cache,
+                            placement=config.memory.text_encoder) for entry, its_pairs in zip(entries, pairs)]
+    if config.loss.alpha > 0:
+        for entry, its_pairs, its_text in zip(entries, pairs, texts):
+            warn_missing_concept(entry.concept, [target for target, _ in its_pairs], its_text.concept_tokens,
+                                 max_length)
+    if len(texts) == 1:
+        return texts[0]
+    return PromptEmbeddings(target=runtime.concat([text.target for text in texts]),
+                            preserve=runtime.concat([text.preserve for text in texts]), empty=texts[0].empty,
+                            concept_tokens=torch.cat([text.concept_tokens for text in texts]))
+
+
+def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, concepts_pairs, run: dict, tracker,
          checkpoint: dict | None) -> Path:
     loss_cfg, loop, video = config.loss, config.train, config.video
+    adversarial = loss_cfg.adversarial
+    entries = config.concept_entries()
+    pairs = [pair for its_pairs in concepts_pairs for pair in its_pairs]  # every concept's, in the entries' order
+    sizes = [len(its_pairs) for its_pairs in concepts_pairs]
+    # one eta per pair (its concept's); one concept: None, the loss's own eta, as single-concept runs always had
+    pair_eta = None if len(entries) == 1 else torch.tensor(
+        [entry.eta for entry, size in zip(entries, sizes) for _ in range(size)], dtype=torch.float32)
+    concept_key = entries[0].concept if len(entries) == 1 else [entry.concept for entry in entries]
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
     torch.manual_seed(loop.seed)
     phase = "text encoding"
     try:
         # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
         max_length = runtime_of_folder(config.model).max_text_length(transformer_config_json(config.model))
-        text = encode_prompts(config.model, pairs, config.concept, max_length, dtype, device, out / "cache",
-                              placement=config.memory.text_encoder)
+        text = _encode_concepts(config, entries, concepts_pairs, max_length, dtype, device, out / "cache")
         validation = config.validation
         if validation.every > 0:  # encoded now: the text encoder is gone once training runs
             validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype, device,
                                                         out / "cache", placement=config.memory.text_encoder)
-        if loss_cfg.alpha > 0:
-            warn_missing_concept(config.concept, [target for target, _ in pairs], text.concept_tokens, max_length)
 
         # 2. One frozen base (optionally int8, streamed), fp32 adapters on top; Wan2.2 A14B: one per expert, each
         # with its own erasers (one optimiser, one file: transformer_2's under its key prefix).
@@ -336,11 +415,12 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
         extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
         frames = latent_frames(video.frames)
 
-        # 3. x0 for `renoise`: one sample per target prompt from the frozen model, each cached as soon as it exists.
-        if config.sampling.mode == "renoise":
+        # 3. x0 for `renoise` (and adversarial steps, which draw x_t as the attack does): one sample per target
+        # prompt from the frozen model, each cached as soon as it exists.
+        if config.sampling.mode == "renoise" or adversarial.every > 0:
             phase = "x0 generation"
             sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
-            settings = [cache_key(config.model, pairs, config.concept, max_length, dtype), loop.seed,
+            settings = [cache_key(config.model, pairs, concept_key, max_length, dtype), loop.seed,
                         sampling, config.to_dict()["video"], config.memory.quantize]
             x0_dir = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}"
             x0 = generate_clean_latents(pipe, text.target, text.empty, video, config.sampling, loop.seed, device,
@@ -358,13 +438,21 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
     start, bad_steps = 0, 0
     if checkpoint is not None:
         start, bad_steps = restore(checkpoint, erasers, optimizer, generator)
+    # adversarial training: each target prompt's vectors, from its own values, kept between its visits (CPU)
+    adversarial_vectors = None
+    if adversarial.every > 0:
+        adversarial_vectors = (checkpoint or {}).get("adversarial_vectors")
+        if adversarial_vectors is None or adversarial_vectors.shape[:2] != (len(pairs), adversarial.tokens):
+            adversarial_vectors = text.target[:, text.target.shape[1] - adversarial.tokens:].float().clone()
+    inner = SoftPrompt(adversarial.tokens, adversarial.inner_steps, adversarial.lr)
     metrics_path = out / "metrics.jsonl"
     kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
     atomic_write(metrics_path, lambda tmp: tmp.write_text(
         "".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start)))
 
     def checkpoint_now(step_count: int):
-        return save_checkpoint(out, step_count, erasers, optimizer, generator, bad_steps, run, loop.keep_checkpoints)
+        return save_checkpoint(out, step_count, erasers, optimizer, generator, bad_steps, run, loop.keep_checkpoints,
+                               adversarial_vectors)
 
     done = step = start  # steps completed, step in progress
     step_rng = generator.get_state()
@@ -378,20 +466,25 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                 lr = loop.lr * lr_factor(loop, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                index = torch.randint(0, len(pairs), (loop.batch_size,), generator=generator)
+                index = draw_pairs(sizes, loop.batch_size, generator)
                 c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
                 empty = text.empty.expand_as(c).to(device)
-                if config.sampling.mode == "renoise":
+                attacking = adversarial.every > 0 and step % adversarial.every == 0
+                if config.sampling.mode == "renoise" or attacking:
                     x_t, t = renoise(transformer, scheduler, x0[index], generator,
                                       config.sampling.num_inference_steps)
                 else:
                     x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
                 x_t, t = x_t.to(device, dtype), t.to(device)
 
+                attack = None
+                if attacking:
+                    attack = AdversarialPrompts(inner, adversarial_vectors[index].to(device))
                 with meter.step():
                     losses = experts_losses_backward(
                         pipe, sets, x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames, loss_cfg,
-                        activations=activations,
+                        activations=activations, eta=None if pair_eta is None else pair_eta[index],
+                        adversarial=attack,
                     )
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 
@@ -409,12 +502,14 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                 with signals.deferred():  # the update, the metrics row and a checkpoint are one unit
                     if not skipped:
                         optimizer.step()
+                        if attack is not None:
+                            adversarial_vectors[index] = attack.learned.cpu()
                     optimizer.zero_grad(set_to_none=True)
 
                     seconds = time.perf_counter() - began
                     row = {
                         "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
-                        "pre": pre.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                        "pre": pre.item(), "adv": losses["adv"].item(), "lr": lr, "grad_norm": grad_norm.item(),
                         "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
                     }
                     if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
@@ -430,7 +525,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
                                 pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
                 if validation.every > 0 and (done % validation.every == 0 or done == loop.steps):
                     numbers = run_validation(transformer, scheduler, validation_text, text.empty, validation, video,
-                                             config.model, out, done, tracker, device=device, concept=config.concept,
+                                             config.model, out, done, tracker, device=device, concept=concept_key,
                                              transformer_2=transformers[1] if len(transformers) > 1 else None)
                     tracker.log(numbers, done)
                     logger.info("validation at step %d: %s", done, ", ".join(
@@ -450,8 +545,10 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, p
 
     with signals.deferred():
         checkpoint_now(loop.steps)
-        metadata = {"concept": config.concept, "eta": loss_cfg.eta, "alpha": loss_cfg.alpha, "beta": loss_cfg.beta,
-                    "steps": loop.steps, "config": config.to_dict()}
+        metadata = {"concept": " + ".join(entry.concept for entry in entries),
+                    "concepts": [entry.concept for entry in entries], "eta": loss_cfg.eta,
+                    "concept_eta": {entry.concept: entry.eta for entry in entries}, "alpha": loss_cfg.alpha,
+                    "beta": loss_cfg.beta, "steps": loop.steps, "config": config.to_dict()}
         save_erasers(erasers, out, metadata=metadata)
     if metrics_path.stat().st_size:
         plot_losses(metrics_path, out / "loss.png")

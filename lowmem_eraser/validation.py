@@ -49,16 +49,17 @@ def side_by_side(base: np.ndarray, erased: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def run_validation(transformer, scheduler, embeddings: torch.Tensor, empty_embedding: torch.Tensor, validation_cfg,
                    video_cfg, model_dir, out_dir, step: int, tracker=None, *, device=None,
-                   concept: str | None = None, transformer_2=None) -> dict:
+                   concept: str | list[str] | None = None, transformer_2=None) -> dict:
     """Sample, decode, write and log one validation round; returns numbers for `tracker.log` / metrics.
 
     `embeddings` [n, L, D] from `encode_validation_prompts`, `empty_embedding` [1, L, D] (the trainer's
     `text.empty`); `validation_cfg` a `ValidationConfig` (steps, guidance, seed), `video_cfg` the training
     `VideoConfig`. Writes `out_dir/validation/step-{step:06d}/NN.gif` (base | erased) and `table.md`.
     `device`: where the transformer runs (default: CUDA if present). `concept` (toy world): also report how
-    often the prompts that ask for it show it. Returned keys: `validation/seconds`; in the toy world
-    `validation/{colour,shape,motion}_{base,erased}` (share of prompts whose detected attribute is the one the
-    prompt names) and, with `concept`, `validation/concept_{base,erased}`.
+    often the prompts that ask for it show it (a list of several concepts: each of them). Returned keys:
+    `validation/seconds`; in the toy world `validation/{colour,shape,motion}_{base,erased}` (share of prompts
+    whose detected attribute is the one the prompt names) and, with `concept`, `validation/concept_{base,erased}`
+    (several: `validation/concept_{name}_{base,erased}` for each).
     """
     began = time.perf_counter()
     if len(validation_cfg.prompts) != embeddings.shape[0]:
@@ -168,9 +169,11 @@ def _toy_table(prompts, base, erased, concept) -> tuple[dict, str]:
               for i, (p, b, e) in enumerate(zip(prompts, readings["base"], readings["erased"]))]
     numbers = {}
     checks = [(name, name, values) for name, values in ATTRIBUTES.items()]
-    attribute = next((name for name, values in ATTRIBUTES.items() if concept in values), None)
-    if attribute is not None:  # the concept row: only the prompts that ask for it
-        checks.append(("concept", attribute, (concept,)))
+    concepts = [concept] if isinstance(concept, str) else list(concept or ())
+    for word in concepts:  # a concept row: only the prompts that ask for it
+        attribute = next((name for name, values in ATTRIBUTES.items() if word in values), None)
+        if attribute is not None:
+            checks.append(("concept" if len(concepts) == 1 else f"concept_{word}", attribute, (word,)))
     for key, name, values in checks:
         asked = [(i, _named(p, values)) for i, p in enumerate(prompts)]
         asked = [(i, value) for i, value in asked if value is not None]
@@ -181,6 +184,7 @@ def _toy_table(prompts, base, erased, concept) -> tuple[dict, str]:
             hits = sum(readings[run][i] is not None and getattr(readings[run][i], name) == value for i, value in asked)
             numbers[f"validation/{key}_{run}"] = hits / len(asked)
             cells.append(f"{hits}/{len(asked)}")
-        label = f"{name} = {concept} (prompts naming it)" if key == "concept" else f"{name} as the prompt names it"
+        label = (f"{name} = {values[0]} (prompts naming it)" if key.startswith("concept")
+                 else f"{name} as the prompt names it")
         lines.append(f"| | {label} | {cells[0]} | {cells[1]} |")
     return numbers, "\n".join(lines) + "\n"

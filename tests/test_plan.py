@@ -17,6 +17,7 @@ from lowmem_eraser.plan import (
     Predictor,
     ProcessPrediction,
     RunSpec,
+    Speeds,
     Setting,
     build_transformer,
     check_video,
@@ -73,6 +74,36 @@ def test_predicted_peak_matches_the_measured_live_tensor_peak(name, config, size
         assert predicted.weights == tensor_bytes(transformer)
         assert predicted.adapter_state == 3 * tensor_bytes(erasers)
         assert predicted.inputs == inputs.nbytes
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_adversarial_training_peak_is_planned_from_one_more_pass(checkpointing):
+    """A real adversarial step (3 inner steps) on the full-depth model vs the prediction, which simulates one
+    inner step: they build their graphs one at a time (without checkpointing, each holds more than the
+    adversarial pass: its text input needs a gradient)."""
+    from dataclasses import replace
+
+    from lowmem_eraser.attack import AdversarialPrompts, SoftPrompt
+    from lowmem_eraser.config import AdversarialConfig
+
+    video, setting = check_video(9, 64, 64), Setting("none", checkpointing)
+    loss = replace(LOSS, adversarial=AdversarialConfig(every=2, tokens=2, inner_steps=3))
+    torch.manual_seed(0)
+    transformer = build_transformer(TINY_COGVIDEOX, setting, torch.float32)
+    erasers = attach_erasers(transformer, rank=8)
+    erasers.kernels = "torch"
+    inputs = step_inputs(transformer, video, 1, torch.float32)
+    with LiveTensorTracker() as tracker:
+        terms = eraser_losses_backward(transformer, erasers, *inputs.args(), loss,
+                                       adversarial=AdversarialPrompts(SoftPrompt(2, 3)))
+    assert terms["adv"] > 0
+    predictor = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32)
+    plain = Predictor(TINY_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32)
+    error = predictor.predict(setting).step_peak / tracker.peak_bytes - 1
+    assert abs(error) <= 0.05, error
+    # the step time counts (1 + 3 inner) student passes every 2 steps on top of the plain step's 2
+    assert predictor._passes(setting)[1] == plain._passes(setting)[1] + 2
+    assert predictor.step_seconds(setting, Speeds()) > plain.step_seconds(setting, Speeds())
 
 
 def test_flop_counter_agrees_with_flop_counter_mode():

@@ -170,16 +170,23 @@ def held_out_prompts() -> list[tuple[str, world.Video]]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = GATE_STEPS,
+def generate(pipe, prompts: list[str] | torch.Tensor, seed: int = 0, num_inference_steps: int = GATE_STEPS,
              guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 32) -> torch.Tensor:
     """Latent videos `[n, F, C, H, W]` (fp32, CPU) for `prompts` (CFG against "", DDIM, no VAE); the batch
-    starting at prompt i draws its noise from seed + i."""
+    starting at prompt i draws its noise from seed + i. `prompts` may also be text conditions [n, L, D] (e.g. a
+    soft-prompt attack's), guided against the encoded "" the same way."""
     pipe.set_progress_bar_config(disable=True)
+    if isinstance(prompts, torch.Tensor):
+        empty = encode(pipe, [""])
+        texts = [{"prompt_embeds": prompts[i : i + batch_size],
+                  "negative_prompt_embeds": empty.expand_as(prompts[i : i + batch_size])}
+                 for i in range(0, len(prompts), batch_size)]
+    else:
+        texts = [{"prompt": prompts[i : i + batch_size], "negative_prompt": ""} for i in range(0, len(prompts), batch_size)]
     out = []
-    for start in range(0, len(prompts), batch_size):
+    for start, text in zip(range(0, len(prompts), batch_size), texts):
         out.append(pipe(
-            prompt=prompts[start : start + batch_size],
-            negative_prompt="",
+            **text,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             generator=torch.Generator(pipe._execution_device).manual_seed(seed + start),
