@@ -101,10 +101,14 @@ def learn_soft_prompt(transformer, text: torch.Tensor, spec: SoftPrompt,
     from .sampling import runtime_of
 
     require_tensor_condition(text, type(transformer).__name__)
+    check_soft_prompt(spec.tokens, max(spec.steps, 1), text.shape[1], "tokens", "steps")  # 0 steps: the planner's
     runtime = runtime_of(transformer)
     keep = text.shape[1] - spec.tokens
     start = (text[:, keep:] if start is None else start.to(text.device)).detach().float()
-    scale = text.detach().float().pow(2).mean().sqrt().clamp_min(1e-6)  # RMS of the condition
+    if start.shape != (text.shape[0], spec.tokens, text.shape[2]):
+        raise AttackError(f"start: expected vectors of shape {(text.shape[0], spec.tokens, text.shape[2])}, got "
+                          f"{tuple(start.shape)}")
+    scale = text.detach().float().pow(2).mean().sqrt().clamp_min(1e-6)  # RMS of the batch's condition
     delta = torch.zeros_like(start, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=spec.lr)
     saving = activations if activations is not None else contextlib.nullcontext()

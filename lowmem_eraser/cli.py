@@ -146,7 +146,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _attack(args: argparse.Namespace) -> None:
+    import math
+
     from .attack import SoftPrompt, check_soft_prompt
+    from .families import family_of_folder
     from .serialization import ensure_folder, read_erasers
     from .toy.attack import attack_markdown, evaluate_attack, write_attack_report
 
@@ -155,8 +158,12 @@ def _attack(args: argparse.Namespace) -> None:
     length = _text_length(config.model)
     tokens = length if args.tokens is None else args.tokens
     check_soft_prompt(tokens, args.steps, length)
-    if args.lr <= 0:
-        raise LowmemEraserError(f"--lr: expected a value > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise LowmemEraserError(f"--lr: expected a finite value > 0, got {args.lr}")
+    family = family_of_folder(config.model)
+    if family is not None and family.name != "CogVideoX":  # before minutes of loading
+        raise LowmemEraserError(f"--config: attack runs in the toy world (a CogVideoX model read by its detector); "
+                                f"{config.model} is {family.name}")
     eraser = Path(args.eraser)
     read_erasers(eraser)
     output = ensure_folder(args.output or (eraser if eraser.is_dir() else eraser.parent), "--output")

@@ -754,7 +754,9 @@ class Predictor:
         passes = frozen + student + (student if setting.checkpointing else 0)
         copies = max(0, passes * swap - 4 * student) if swap > 2 else 0
         streamed = sum(self._block_sizes(setting)[:swap])
-        return (int(copies * streamed) // swap if swap else 0) + 2 * self.predict(setting).offloaded
+        # the simulated step's offloaded bytes, scaled from its student passes to the run's average
+        offloaded = self.predict(setting).offloaded * student / self._passes(setting, average=False)[1]
+        return (int(copies * streamed) // swap if swap else 0) + int(2 * offloaded)
 
     def step_seconds(self, setting: Setting, speeds: Speeds) -> float:
         """Predicted seconds per training step: compute at `speeds.tflops`, streamed block weights and offloaded
@@ -869,11 +871,11 @@ class Predictor:
                                 "read in full precision on the CPU, then quantised and moved"))
         cfg = self.sampling_batch_factor if run.cfg else 1
         cfg_note = self.arch.cfg_note if run.cfg else ""
-        if run.sampling == "renoise":
+        if run.sampling == "renoise" or self.loss.adversarial.every > 0:  # adversarial steps re-noise x0 too
             peak, inputs = self.forward_peak(setting, cfg * run.sampling_batch)
             stages.append(Stage("x0 generation", step.weights + adapters + peak + inputs, host,
                                 f"no-grad forward at batch {cfg * run.sampling_batch} {cfg_note}".rstrip()))
-        else:
+        if run.sampling != "renoise":
             peak, inputs = self.forward_peak(setting, cfg * setting.batch)
             stages.append(Stage("trajectory sampling", step.weights + 3 * adapters + peak + inputs, host,
                                 f"no-grad forward at batch {cfg * setting.batch} {cfg_note}".rstrip() +

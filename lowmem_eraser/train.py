@@ -441,9 +441,14 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, c
     # adversarial training: each target prompt's vectors, from its own values, kept between its visits (CPU)
     adversarial_vectors = None
     if adversarial.every > 0:
-        adversarial_vectors = (checkpoint or {}).get("adversarial_vectors")
-        if adversarial_vectors is None or adversarial_vectors.shape[:2] != (len(pairs), adversarial.tokens):
-            adversarial_vectors = text.target[:, text.target.shape[1] - adversarial.tokens:].float().clone()
+        adversarial_vectors = text.target[:, text.target.shape[1] - adversarial.tokens:].float().clone()
+        if checkpoint is not None:  # the fingerprint matched, so a checkpoint without them is damaged
+            saved = checkpoint.get("adversarial_vectors")
+            if saved is None or saved.shape != adversarial_vectors.shape:
+                raise TrainingError(f"--resume: the checkpoint has no adversarial vectors of shape "
+                                    f"{tuple(adversarial_vectors.shape)} (loss.adversarial is on): it is damaged; "
+                                    "resume from another checkpoint/step-N or start again with --overwrite")
+            adversarial_vectors = saved
     inner = SoftPrompt(adversarial.tokens, adversarial.inner_steps, adversarial.lr)
     metrics_path = out / "metrics.jsonl"
     kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
@@ -502,7 +507,7 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, c
                 with signals.deferred():  # the update, the metrics row and a checkpoint are one unit
                     if not skipped:
                         optimizer.step()
-                        if attack is not None:
+                        if attack is not None:  # a prompt drawn twice in the batch keeps its last sample's
                             adversarial_vectors[index] = attack.learned.cpu()
                     optimizer.zero_grad(set_to_none=True)
 

@@ -13,7 +13,7 @@ from lowmem_eraser.attack import (MAX_STEPS, AdversarialPrompts, AttackError, So
 from lowmem_eraser.cli import main as cli_main
 from lowmem_eraser.config import AdversarialConfig, LossConfig
 from lowmem_eraser.errors import ConfigError
-from lowmem_eraser.train import eraser_losses_backward, velocity
+from lowmem_eraser.train import TrainingError, eraser_losses_backward, velocity
 from test_train import make_config, tiny_model  # noqa: F401  (the session fixture)
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy"
@@ -152,7 +152,7 @@ def test_attack_cli_checks_arguments_before_any_work(tiny_model, tmp_path, capsy
 
 def test_adversarial_vectors_are_checkpointed_and_resume_is_bit_exact(tiny_model, tmp_path):  # noqa: F811
     """4 adversarial steps straight = 2 steps, then --resume to 4: each prompt's vectors travel in the checkpoint
-    (resuming without them trains another eraser: the test can tell)."""
+    (resuming with other vectors trains another eraser: the test can tell; without them, a clear error)."""
     import shutil
 
     from lowmem_eraser.config import load_config
@@ -161,7 +161,7 @@ def test_adversarial_vectors_are_checkpointed_and_resume_is_bit_exact(tiny_model
     adversarial = {"adversarial": {"every": 1, "tokens": 3, "inner_steps": 2}}
 
     def config(name, steps):
-        # batch 4 of the 4 pairs: the steps after the resume revisit prompts the steps before it moved
+        # batch 4 drawn from the 4 pairs: the steps after the resume revisit prompts the steps before it moved
         return load_config(make_config(tiny_model, tmp_path / name, loss=adversarial,
                                        train={"steps": steps, "batch_size": 4}))
 
@@ -171,10 +171,15 @@ def test_adversarial_vectors_are_checkpointed_and_resume_is_bit_exact(tiny_model
     state = torch.load(state_path, weights_only=True)
     assert state["adversarial_vectors"].shape == (4, 3, 24)  # 4 prompt pairs, 3 vectors of the text dim
     shutil.copytree(tmp_path / "resumed", tmp_path / "forgetful")
-    del state["adversarial_vectors"]
+    state["adversarial_vectors"] = torch.zeros_like(state["adversarial_vectors"])
     torch.save(state, tmp_path / "forgetful" / "checkpoint" / "step-000002" / "training_state.pt")
     resumed = train(config("resumed", 4), resume=True)
     forgetful = train(config("forgetful", 4), resume=True)
+    shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
+    del state["adversarial_vectors"]
+    torch.save(state, tmp_path / "damaged" / "checkpoint" / "step-000004" / "training_state.pt")
+    with pytest.raises(TrainingError, match="^--resume: the checkpoint has no adversarial vectors"):
+        train(config("damaged", 6), resume=True)
 
     def weights(folder):
         return torch.load(folder / "eraser_weights.pt", weights_only=True)

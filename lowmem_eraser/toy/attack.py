@@ -6,8 +6,9 @@ prompt are the attack's targets (drawn from seed + 10000, so the attack never se
 K vectors in the prompt's text condition (by default all of it) are optimised for S steps so that the model under attack predicts at re-noised
 targets (t uniform) what the original model predicts for the plain prompt; then the prompt plus its vectors is
 generated from `seed` (CFG against "", the eval settings) and read by `detect`. ASR = the share of those prompts
-whose video shows the concept. Run on the base model too (erasers off under the same attack): the sanity
-figure, ≈ 100 % since the concept was never removed.
+whose video shows the concept. The base model (erasers off) is the sanity figure, ≈ 100 % since the concept was
+never removed: attacked toward its own predictions it starts at its target, so one step is run (its loss, ~0,
+is reported) and its ASR is its rate on the prompt itself.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def evaluate_attack(model: str | Path, eraser: str | Path, concepts: list[str], 
     check_soft_prompt(spec.tokens, spec.steps, pipe.transformer.config.max_text_seq_length)
     load_erasers(pipe.transformer, eraser).kernels = kernels
     transformer, scheduler = pipe.transformer, pipe.scheduler
+    device, dtype = pipe._execution_device, transformer.dtype  # CUDA in bf16 where there is one (load_pipeline)
     result: dict = {"concepts": list(concepts), "tokens": spec.tokens, "attack_steps": spec.steps, "lr": spec.lr,
                     "steps": steps, "guidance": guidance, "seed": seed, "per_concept": {}}
     began = time.perf_counter()
@@ -65,6 +67,7 @@ def evaluate_attack(model: str | Path, eraser: str | Path, concepts: list[str], 
 
             def batch(i):
                 x_t, t = renoise(transformer, scheduler, targets, generator, steps)  # as training draws them
+                x_t, t = x_t.to(device, dtype), t.to(device)
                 with torch.no_grad(), erasers_disabled(transformer):
                     return x_t, t, runtime_of(transformer).velocity(transformer, x_t, t, text, None)
 

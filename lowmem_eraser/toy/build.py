@@ -74,7 +74,7 @@ def encode(pipe, prompts: list[str]) -> torch.Tensor:
     """T5 embeddings `[n, max_text_seq_length, D]` exactly as the pipeline (and `lowmem-eraser train`) makes them."""
     length = pipe.transformer.config.max_text_seq_length
     return pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=torch.device("cpu")
+        prompts, do_classifier_free_guidance=False, max_sequence_length=length, device=pipe._execution_device
     )[0]
 
 
