@@ -121,7 +121,8 @@ ROWS: dict[str, dict] = {}
 def reference_losses_backward(original, student, erasers, inputs, loss: LossConfig):
     """The published recipe's step: teacher passes on the original copy, student passes on the adapted copy,
     one backward of L = L_unlearn + α·L_loc + β·L_pre (so both student graphs are alive at once)."""
-    x_t, t, c, empty, c_pre, concept_tokens, rotary, frames = inputs.args()
+    x_t, t, c, empty, c_pre = inputs.x_t, inputs.t, inputs.c, inputs.empty, inputs.c_pre
+    concept_tokens, rotary, frames = inputs.concept_tokens, inputs.extras, inputs.frames
     with torch.no_grad():
         with ConceptMaskCapture(original, concept_tokens, frames) as capture:
             v_c = velocity(original, x_t, t, c, rotary)
@@ -346,7 +347,7 @@ def test_mode(mode, inputs, benchmark, tmp_path_factory):
             if mode.name == "reference":
                 reference_losses_backward(original, extra[0], erasers, inputs, LOSS)
             else:
-                eraser_losses_backward(original, erasers, *inputs.args(), LOSS, activations=activations)
+                eraser_losses_backward(original, erasers, inputs, LOSS, activations=activations)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

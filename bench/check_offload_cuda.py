@@ -118,7 +118,7 @@ def judge(result: Result, exact: bool, reproducible: bool = True, tolerance: flo
 
 
 def _grads(transformer, erasers, inputs, activations=None) -> list[torch.Tensor]:
-    eraser_losses_backward(transformer, erasers, *inputs.args(), LOSS, activations=activations)
+    eraser_losses_backward(transformer, erasers, inputs, LOSS, activations=activations)
     grads = [p.grad.clone() for p in erasers.parameters()]
     erasers.zero_grad(set_to_none=True)
     return grads
@@ -252,7 +252,7 @@ def _build(dtype, quantize):
     inputs = step_inputs(transformer, VIDEO, batch=1, dtype=dtype)
     for name in ("x_t", "t", "c", "empty", "c_pre", "concept_tokens"):
         setattr(inputs, name, getattr(inputs, name).to(DEVICE))
-    inputs.rotary = None if inputs.rotary is None else tuple(r.to(DEVICE) for r in inputs.rotary)
+    inputs.extras = None if inputs.extras is None else tuple(r.to(DEVICE) for r in inputs.extras)
     return transformer, erasers, inputs
 
 

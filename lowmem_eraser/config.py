@@ -141,6 +141,9 @@ class AdversarialConfig(_Section):
     inner_steps: int = field(default=10, metadata=_POSITIVE)
     weight: float = field(default=1.0, metadata=_NON_NEGATIVE)
     lr: float = field(default=0.1, metadata=_POSITIVE)
+    # the negative guidance of the adversarial term's target; None: the step's own (loss.eta, or the concept's).
+    # 0 targets the anchor itself (v(x_t, c_pre) with anchor: preservation): under attack, the twin's video
+    eta: float | None = field(default=None, metadata=_NON_NEGATIVE)
 
 
 @dataclass
@@ -317,7 +320,7 @@ class TrainConfig(_Section):
     def to_dict(self) -> dict:
         """Plain YAML-safe values (paths as strings), in the file's layout: `from_dict` reads it back. The form
         not used (`concept` + `prompts`, or `concepts`) is left out, an entry's eta when it has none, and
-        `loss.adversarial` when it is off."""
+        `loss.adversarial` when it is off (its `eta` when it has none)."""
         data = {}
         for name, value in asdict(self).items():
             if name == "concepts":
@@ -329,6 +332,8 @@ class TrainConfig(_Section):
                 # off: left out, so that a run's fingerprint (and --resume of its checkpoints) is what it was
                 # before adversarial training existed
                 value = {key: v for key, v in value.items() if key != "adversarial"}
+            elif name == "loss" and value["adversarial"]["eta"] is None:  # as runs before the field existed
+                value = {**value, "adversarial": {k: v for k, v in value["adversarial"].items() if k != "eta"}}
             data[name] = str(value) if isinstance(value, Path) else value
         return data
 

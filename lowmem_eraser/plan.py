@@ -47,7 +47,7 @@ from .stages import (  # noqa: F401 -- default_dtype is also used from here by b
     TextEncoder, default_dtype, needed_bytes, text_encoder_config, text_encoders, text_stage,
     vae_bytes, vae_config, vae_decode_peak,
 )
-from .train import eraser_losses_backward, velocity
+from .train import StepInputs, eraser_losses_backward, velocity
 
 _WAN_2_1 = dict(  # the WanTransformer3DModel arguments every Wan preset shares (sources: Preset.source)
     patch_size=[1, 2, 2], attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
@@ -277,36 +277,6 @@ class Prediction:
         return needed_bytes(self.peak) <= budget
 
 
-@dataclass
-class StepInputs:
-    x_t: torch.Tensor
-    t: torch.Tensor
-    c: torch.Tensor
-    empty: torch.Tensor
-    c_pre: torch.Tensor
-    concept_tokens: torch.Tensor
-    # what the family's transformer takes besides x_t, t and the text (train's step extras): CogVideoX-5b's
-    # rotary embeddings, HunyuanVideo's guidance (a float), else None
-    rotary: tuple[torch.Tensor, ...] | float | None
-    frames: int
-
-    @property
-    def nbytes(self) -> int:
-        def tensors(value) -> list:
-            if isinstance(value, torch.Tensor):
-                return [value]
-            if isinstance(value, (tuple, list)):
-                return list(value)
-            return [getattr(value, name) for name in ("embeds", "mask", "pooled") if hasattr(value, name)]
-
-        held = [self.x_t, self.t, *tensors(self.c), *tensors(self.empty), *tensors(self.c_pre), self.concept_tokens,
-                *tensors(self.rotary)]
-        return tensor_bytes(held)
-
-    def args(self) -> tuple:
-        return self.x_t, self.t, self.c, self.empty, self.c_pre, self.concept_tokens, self.rotary, self.frames
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     """What the planner needs about a model besides its transformer config (a preset's, or a folder's)."""
@@ -367,7 +337,7 @@ class Architecture:
             empty=torch.randn(text_shape, generator=gen).to(dtype),
             c_pre=torch.randn(text_shape, generator=gen).to(dtype),
             concept_tokens=_concept_tokens(batch, config.max_text_seq_length),
-            rotary=rotary_embeddings(pipe, video, torch.device("cpu")),
+            extras=rotary_embeddings(pipe, video, torch.device("cpu")),
             frames=frames,
         )
 
@@ -413,7 +383,7 @@ class WanArchitecture(Architecture):
             empty=torch.randn(text_shape, generator=gen).to(dtype),
             c_pre=torch.randn(text_shape, generator=gen).to(dtype),
             concept_tokens=_concept_tokens(batch, self.text_length(config)),
-            rotary=None,
+            extras=None,
             frames=frames,
         )
 
@@ -452,7 +422,7 @@ class HunyuanVideoArchitecture(Architecture):
             empty=text(),
             c_pre=text(),
             concept_tokens=_concept_tokens(batch, length),
-            rotary=6000.0 if config.guidance_embeds else None,  # guidance_scale 6 x 1000, as the pipeline passes it
+            extras=6000.0 if config.guidance_embeds else None,  # guidance_scale 6 x 1000, as the pipeline passes it
             frames=frames,
         )
 
@@ -532,8 +502,8 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
     if loss.adversarial.every > 0:  # the inner steps build one graph at a time (with the text input's gradient):
         adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1))  # one holds their peak
     with FlopCounter() as counter, LiveTensorTracker() as tracker:
-        eraser_losses_backward(transformer, erasers, *inputs.args(), loss, activations=activations,
-                               adversarial=adversarial)
+        eraser_losses_backward(transformer, erasers, replace(inputs, adversarial=adversarial), loss,
+                               activations=activations)
     return tracker.peak_bytes, counter.flops
 
 
@@ -818,7 +788,7 @@ class Predictor:
                     transformer = self._build(Setting(quantize, False), counts)
                     inputs = self._inputs(transformer, batch)
                     with torch.no_grad(), LiveTensorTracker() as tracker:
-                        self.arch.velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+                        self.arch.velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.extras)
                 self._forwards[key] = (tracker.peak_bytes, inputs.nbytes)
             peaks[counts], inputs_bytes = self._forwards[key]
         peak = peaks[base] + sum(steps * (peaks[counts] - peaks[base]) for counts, steps in points)

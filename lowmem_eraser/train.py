@@ -19,7 +19,9 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from .families import block_count, family_of, runtime_of_folder, transformer_con
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
 from .lowram_load import load_transformer_blockwise
-from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory
+from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory, tensor_bytes
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
 from .sampling import (expert_groups, generate_clean_latents, latent_frames, make_pipeline, pipeline_experts, renoise,
@@ -122,22 +124,72 @@ def velocity(transformer, x_t, t, text, extras):
     return runtime_of(transformer).velocity(transformer, x_t, t, text, extras)
 
 
-def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
-                           activations=None, eta=None, adversarial: AdversarialPrompts | None = None):
-    """One T2VUnlearning step's passes: computes the losses and accumulates their gradients in the adapters.
+@dataclass
+class StepInputs:
+    """One training step's batch: everything `eraser_losses_backward` takes besides the model, its erasers and
+    the loss config. The loop builds one per step; the planner and the benchmarks build random ones of the same
+    shapes (plan.step_inputs), so that all of them run the same step.
+
+    `extras`: what the family's transformer takes besides x_t, t and the text (sampling.step_extras): CogVideoX-5b's
+    rotary embeddings, HunyuanVideo's guidance (a float), else None. `frames`: latent frames (the L_loc mask's).
+    `eta`: the negative guidance strength, a float or one per sample (a tensor [B], e.g. each sample's concept's
+    in a run of several concepts); None: `loss.eta`. `adversarial`: this step's adversarial prompts (below)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    c: Any  # [B, L, D], or the family's text condition (HunyuanText)
+    empty: Any
+    c_pre: Any
+    concept_tokens: torch.Tensor | None  # [B, L] bool: the concept's token positions in c (None: no L_loc)
+    extras: Any
+    frames: int
+    eta: float | torch.Tensor | None = None
+    adversarial: AdversarialPrompts | None = None
+
+    @property
+    def nbytes(self) -> int:
+        def tensors(value) -> list:
+            if isinstance(value, torch.Tensor):
+                return [value]
+            if isinstance(value, (tuple, list)):
+                return list(value)
+            return [getattr(value, name) for name in ("embeds", "mask", "pooled") if hasattr(value, name)]
+
+        held = [self.x_t, self.t, *tensors(self.c), *tensors(self.empty), *tensors(self.c_pre),
+                *tensors(self.concept_tokens), *tensors(self.extras)]
+        return tensor_bytes(held)
+
+    def select(self, positions: torch.Tensor) -> "StepInputs":
+        """The samples at batch `positions` (a CPU index tensor); the adversarial prompts get fresh `learned`."""
+        on_device = positions.to(self.x_t.device)
+        adversarial = self.adversarial
+        if adversarial is not None:
+            adversarial = AdversarialPrompts(adversarial.spec,
+                                             None if adversarial.start is None else adversarial.start[positions])
+        return replace(self, x_t=self.x_t[on_device], t=self.t[on_device], c=self.c[on_device],
+                       empty=self.empty[on_device], c_pre=self.c_pre[on_device],
+                       concept_tokens=None if self.concept_tokens is None else self.concept_tokens[positions],
+                       eta=self.eta[positions.to(self.eta.device)] if torch.is_tensor(self.eta) else self.eta,
+                       adversarial=adversarial)
+
+
+def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, activations=None) -> dict:
+    """One T2VUnlearning step's passes on `batch`: computes the losses and accumulates their gradients in the
+    adapters.
 
     `activations`: a context manager entered around each pass that builds a graph (the student passes), e.g.
     activation_offload.offload_activations(...); None keeps saved activations where autograd puts them.
-    `eta`: the negative guidance strength, a float or one per sample (a tensor [B], e.g. each sample's concept's
-    in a run of several concepts); None: `loss_cfg.eta`.
-    `adversarial` (every `loss.adversarial.every` steps): before the erased model's passes, an inner loop learns
-    soft-prompt vectors in c that make the current erasers reproduce v_θ(x_t, c) (attack.learn_soft_prompt:
+    `batch.adversarial` (every `loss.adversarial.every` steps): before the erased model's passes, an inner loop
+    learns soft-prompt vectors in c that make the current erasers reproduce v_θ(x_t, c) (attack.learn_soft_prompt:
     gradients to the vectors only, on this step's x_t and t, one graph at a time; from `adversarial.start`, the
     result left in `adversarial.learned`), and a further pass trains the erasers toward v_neg under them:
     + loss.adversarial.weight·‖v_θ'(x_t, [c; s]) − v_neg‖² ("adv").
     Returns the detached loss terms {"loss", "unlearn", "loc", "pre", "adv"}. Used by the loop below and by the
     benchmarks and the memory planner, so that all of them measure the same step.
     """
+    x_t, t, c, empty, c_pre = batch.x_t, batch.t, batch.c, batch.empty, batch.c_pre
+    concept_tokens, extras, frames = batch.concept_tokens, batch.extras, batch.frames
+    eta, adversarial = batch.eta, batch.adversarial
     saving = activations if activations is not None else contextlib.nullcontext()
     # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
     anchored = loss_cfg.anchor == "preservation"  # v_neg starts from v(x_t, c_pre) instead of v(x_t, ∅)
@@ -155,8 +207,11 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
         elif torch.is_tensor(eta):  # [B], broadcast over the prediction's other dims
             eta = eta.to(v_anchor.device, v_anchor.dtype).reshape(-1, *[1] * (v_anchor.dim() - 1))
         v_neg = v_anchor - eta * (v_c.float() - v_anchor)
+        v_neg_adv = v_neg
         if adversarial is None:
             del v_c
+        elif loss_cfg.adversarial.eta is not None:
+            v_neg_adv = v_anchor - loss_cfg.adversarial.eta * (v_c.float() - v_anchor)
         v_pre = None
         if loss_cfg.beta > 0:
             v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, extras)).float()
@@ -185,10 +240,10 @@ def eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, concep
     if soft is not None:  # a graph of its own, built after the first one is freed
         with saving:
             v_erased_adv = velocity(transformer, x_t, t, with_soft_prompt(c, soft), extras)
-        adv = F.mse_loss(v_erased_adv.float(), v_neg)
+        adv = F.mse_loss(v_erased_adv.float(), v_neg_adv)
         (loss_cfg.adversarial.weight * adv).backward()
         del v_erased_adv
-    del v_neg
+    del v_neg, v_neg_adv
     pre = torch.zeros((), device=x_t.device)
     if loss_cfg.beta > 0:  # a second graph, built after the first one is freed
         with saving:
@@ -222,33 +277,27 @@ def warn_missing_concept(concept: str, prompts: list[str], concept_tokens: torch
                    concept, len(missing), len(prompts), "; ".join(parts))
 
 
-def experts_losses_backward(pipe, sets, x_t, t, c, empty, c_pre, concept_tokens, extras, frames, loss_cfg,
-                            activations=None, eta=None, adversarial: AdversarialPrompts | None = None):
+def experts_losses_backward(pipe, sets, batch: StepInputs, loss_cfg, activations=None) -> dict:
     """`eraser_losses_backward` on the pipeline's expert that serves the batch's timesteps (one expert: the whole
     batch). Wan2.2 A14B: the samples at t >= boundary train `transformer`'s erasers, the others `transformer_2`'s,
-    each on the mean loss of its own samples; the returned terms are averaged over the whole batch. `eta`: as
-    `eraser_losses_backward`'s (a per-sample tensor is split with the batch)."""
-    experts, groups = pipeline_experts(pipe), expert_groups(pipe, t)
+    each on the mean loss of its own samples; the returned terms are averaged over the whole batch. A per-sample
+    eta and the adversarial prompts are split with the batch."""
+    experts, groups = pipeline_experts(pipe), expert_groups(pipe, batch.t)
     if len(groups) == 1:
         k = groups[0][0]
-        return eraser_losses_backward(experts[k], sets[k], x_t, t, c, empty, c_pre, concept_tokens, extras, frames,
-                                      loss_cfg, activations=activations, eta=eta, adversarial=adversarial)
+        return eraser_losses_backward(experts[k], sets[k], batch, loss_cfg, activations=activations)
     total: dict[str, torch.Tensor] = {}
+    adversarial, size = batch.adversarial, batch.t.shape[0]
     for k, positions in groups:
-        on_device = positions.to(x_t.device)
-        part_adversarial = None if adversarial is None else AdversarialPrompts(
-            adversarial.spec, None if adversarial.start is None else adversarial.start[positions])
-        part = eraser_losses_backward(experts[k], sets[k], x_t[on_device], t[on_device], c[on_device],
-                                      empty[on_device], c_pre[on_device], concept_tokens[positions], extras, frames,
-                                      loss_cfg, activations=activations,
-                                      eta=eta[positions.to(eta.device)] if torch.is_tensor(eta) else eta,
-                                      adversarial=part_adversarial)
+        part = batch.select(positions)
+        terms = eraser_losses_backward(experts[k], sets[k], part, loss_cfg, activations=activations)
         if adversarial is not None:  # each expert's samples' vectors back in the batch's order
             if adversarial.learned is None:
+                c = batch.c
                 adversarial.learned = c.new_zeros(c.shape[0], adversarial.spec.tokens, c.shape[2], dtype=torch.float32)
-            adversarial.learned[on_device] = part_adversarial.learned
-        for name, value in part.items():
-            total[name] = total.get(name, 0) + value * (len(positions) / t.shape[0])
+            adversarial.learned[positions.to(batch.x_t.device)] = part.adversarial.learned
+        for name, value in terms.items():
+            total[name] = total.get(name, 0) + value * (len(positions) / size)
     return total
 
 
@@ -485,12 +534,10 @@ def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, c
                 attack = None
                 if attacking:
                     attack = AdversarialPrompts(inner, adversarial_vectors[index].to(device))
+                batch = StepInputs(x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames,
+                                   eta=None if pair_eta is None else pair_eta[index], adversarial=attack)
                 with meter.step():
-                    losses = experts_losses_backward(
-                        pipe, sets, x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames, loss_cfg,
-                        activations=activations, eta=None if pair_eta is None else pair_eta[index],
-                        adversarial=attack,
-                    )
+                    losses = experts_losses_backward(pipe, sets, batch, loss_cfg, activations=activations)
                 loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)

@@ -48,7 +48,7 @@ def step(transformer, erasers, inputs, activations=None, loss=LOSS):
     """One eraser_losses_backward call: (loss terms, adapter gradients, tracked peak bytes)."""
     erasers.zero_grad(set_to_none=True)
     with LiveTensorTracker() as tracker:
-        terms = eraser_losses_backward(transformer, erasers, *inputs.args(), loss, activations=activations)
+        terms = eraser_losses_backward(transformer, erasers, inputs, loss, activations=activations)
     return terms, [p.grad.clone() for p in erasers.parameters()], tracker.peak_bytes
 
 

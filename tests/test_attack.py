@@ -13,7 +13,7 @@ from lowmem_eraser.attack import (MAX_STEPS, AdversarialPrompts, AttackError, So
 from lowmem_eraser.cli import main as cli_main
 from lowmem_eraser.config import AdversarialConfig, LossConfig
 from lowmem_eraser.errors import ConfigError
-from lowmem_eraser.train import TrainingError, eraser_losses_backward, velocity
+from lowmem_eraser.train import StepInputs, TrainingError, eraser_losses_backward, velocity
 from test_train import make_config, tiny_model  # noqa: F401  (the session fixture)
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy"
@@ -72,24 +72,28 @@ def test_attack_on_the_model_it_imitates_starts_at_zero_loss():
     assert losses[0].item() < 1e-15  # fp64; the prediction's mean square is ~1
 
 
-def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors():
+@pytest.mark.parametrize("adversarial_eta", [None, 0.0], ids=["step-eta", "own-eta"])
+def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors(adversarial_eta):
     """fp64 model (v_neg in fp32, as the step makes it): the adversarial step's adapter gradients = the plain step's
     + weight x the gradient of
-    ‖v_θ'(x_t, [c; s]) − v_neg‖² with s from the same inner loop (which itself leaves no gradient behind)."""
+    ‖v_θ'(x_t, [c; s]) − v_neg‖² with s from the same inner loop (which itself leaves no gradient behind);
+    v_neg with loss.adversarial.eta when it is set, else the step's eta."""
     transformer, erasers, x_t, t, c, empty, c_pre = _tiny()
-    spec = AdversarialConfig(every=1, tokens=2, inner_steps=5, weight=0.7, lr=0.1)
+    spec = AdversarialConfig(every=1, tokens=2, inner_steps=5, weight=0.7, lr=0.1, eta=adversarial_eta)
     loss = LossConfig(eta=2.0, alpha=0.0, beta=0.5, anchor="preservation", adversarial=spec)
     attack = AdversarialPrompts(SoftPrompt(2, 5, 0.1), start=c[:, 5:] + 0.1)  # as if a visit before moved them
-    terms = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss, adversarial=attack)
+    terms = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3,
+                                                                        adversarial=attack), loss)
     got = [p.grad.clone() for p in erasers.parameters()]
 
     erasers.zero_grad(set_to_none=True)
-    plain = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss)
+    plain = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3), loss)
     with torch.no_grad(), erasers_disabled(transformer):
         v_c, v_pre = velocity(transformer, x_t, t, c, None), velocity(transformer, x_t, t, c_pre, None)
     soft, _ = learn_soft_prompt(transformer, c, SoftPrompt(2, 5, 0.1), lambda i: (x_t, t, v_c), start=c[:, 5:] + 0.1)
     assert torch.equal(attack.learned, soft)
-    v_neg = v_pre.float() - loss.eta * (v_c.float() - v_pre.float())  # fp32 like the step (η amplifies rounding)
+    eta = loss.eta if adversarial_eta is None else adversarial_eta
+    v_neg = v_pre.float() - eta * (v_c.float() - v_pre.float())  # fp32 like the step (η amplifies rounding)
     adv = (velocity(transformer, x_t, t, with_soft_prompt(c, soft), None).float() - v_neg).pow(2).mean()
     (spec.weight * adv).backward()
     for g, p in zip(got, erasers.parameters()):

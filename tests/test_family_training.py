@@ -396,9 +396,9 @@ def test_wan22_a14b_trains_each_expert_on_the_timesteps_it_serves_into_one_file(
     calls = []
     real = train_module.eraser_losses_backward
 
-    def recording(transformer, erasers, x_t, t, *args, **kwargs):
-        calls.append((erasers.keys()[0], t.tolist()))
-        return real(transformer, erasers, x_t, t, *args, **kwargs)
+    def recording(transformer, erasers, batch, *args, **kwargs):
+        calls.append((erasers.keys()[0], batch.t.tolist()))
+        return real(transformer, erasers, batch, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "eraser_losses_backward", recording)
     config = load_config(make_config(a14b_model, tmp_path / "run", train={"steps": 12, "batch_size": 2,

@@ -130,7 +130,7 @@ def test_per_sample_eta_reaches_the_loss(one_thread):
     from conftest import randomize_erasers, tiny_transformer
     from lowmem_eraser import attach_erasers
     from lowmem_eraser.config import LossConfig
-    from lowmem_eraser.train import eraser_losses_backward
+    from lowmem_eraser.train import StepInputs, eraser_losses_backward
 
     transformer = tiny_transformer()
     erasers = attach_erasers(transformer, rank=4)
@@ -148,23 +148,23 @@ def test_per_sample_eta_reaches_the_loss(one_thread):
         erasers.zero_grad(set_to_none=True)
         return values
 
-    both = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss,
-                                  eta=torch.tensor(etas))
+    both = eraser_losses_backward(transformer, erasers,
+                                  StepInputs(x_t, t, c, empty, c_pre, None, None, 3, eta=torch.tensor(etas)), loss)
     both_grads = grads()
     singles, single_grads = [], []
     for i, eta in enumerate(etas):
         s = slice(i, i + 1)
-        singles.append(eraser_losses_backward(transformer, erasers, x_t[s], t[s], c[s], empty[s], c_pre[s], None,
-                                              None, 3, loss, eta=eta))
+        singles.append(eraser_losses_backward(
+            transformer, erasers, StepInputs(x_t[s], t[s], c[s], empty[s], c_pre[s], None, None, 3, eta=eta), loss))
         single_grads.append(grads())
     for name in ("unlearn", "pre", "loss"):
         torch.testing.assert_close(both[name], (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=0)
     for g, g0, g1 in zip(both_grads, *single_grads):
         torch.testing.assert_close(g, (g0 + g1) / 2, rtol=1e-5, atol=1e-9)
     # each sample gets its own eta: swapped, or the loss's own (5.0), the unlearning term is another one
-    swapped = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss,
-                                     eta=torch.tensor(etas[::-1]))
-    default = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss)
+    swapped = eraser_losses_backward(
+        transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3, eta=torch.tensor(etas[::-1])), loss)
+    default = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3), loss)
     for other in (swapped, default):
         assert abs(other["unlearn"] / both["unlearn"] - 1) > 1e-2
 
@@ -183,9 +183,9 @@ def test_training_on_two_concepts_draws_both_with_their_eta(tiny_model, tmp_path
     real_draw, real_losses = train_module.draw_pairs, train_module.eraser_losses_backward
     monkeypatch.setattr(train_module, "draw_pairs", lambda *a, **k: drawn.append(real_draw(*a, **k)) or drawn[-1])
 
-    def spy(*args, eta=None, **kwargs):
-        etas.append(eta)
-        return real_losses(*args, eta=eta, **kwargs)
+    def spy(transformer, erasers, batch, *args, **kwargs):
+        etas.append(batch.eta)
+        return real_losses(transformer, erasers, batch, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "eraser_losses_backward", spy)
     out = train(load_config(path))

@@ -153,7 +153,7 @@ def _eraser_step(transformer, erasers, inputs, beta: float):
     from lowmem_eraser.train import eraser_losses_backward
 
     erasers.zero_grad(set_to_none=True)
-    eraser_losses_backward(transformer, erasers, *inputs.args(), LossConfig(alpha=1.0, beta=beta))
+    eraser_losses_backward(transformer, erasers, inputs, LossConfig(alpha=1.0, beta=beta))
     return [p.grad.clone() for p in erasers.parameters()]
 
 

@@ -94,8 +94,8 @@ def test_adversarial_training_peak_is_planned_from_one_more_pass(checkpointing):
     erasers.kernels = "torch"
     inputs = step_inputs(transformer, video, 1, torch.float32)
     with LiveTensorTracker() as tracker:
-        terms = eraser_losses_backward(transformer, erasers, *inputs.args(), loss,
-                                       adversarial=AdversarialPrompts(SoftPrompt(2, 3)))
+        terms = eraser_losses_backward(transformer, erasers,
+                                       replace(inputs, adversarial=AdversarialPrompts(SoftPrompt(2, 3))), loss)
     assert terms["adv"] > 0
     predictor = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32)
     plain = Predictor(TINY_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32)
@@ -110,7 +110,7 @@ def test_flop_counter_agrees_with_flop_counter_mode():
     video = check_video(9, 64, 64)
     transformer, erasers, inputs, (_, flops) = measured(TINY_COGVIDEOX, Setting("none", True), video)
     with flop_counter_mode() as mode:
-        eraser_losses_backward(transformer, erasers, *inputs.args(), LOSS)
+        eraser_losses_backward(transformer, erasers, inputs, LOSS)
     assert flops == mode.get_total_flops() > 0
     assert any("flash_attention_for_cpu" in str(op) for op in mode.get_flop_counts()["Global"])
 
@@ -210,7 +210,7 @@ def test_sampling_forward_prediction_matches_the_measured_no_grad_forward():
         transformer = build_transformer(SMALL_COGVIDEOX, setting, torch.float32)
         inputs = step_inputs(transformer, video, batch, torch.float32)
         with torch.no_grad(), LiveTensorTracker() as tracker:
-            velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+            velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.extras)
         print(f"{setting.label} batch {batch}: predicted {predicted} B, measured {tracker.peak_bytes} B")
         assert abs(predicted / tracker.peak_bytes - 1) <= 0.05
         assert inputs_bytes == inputs.nbytes

@@ -117,7 +117,7 @@ def test_predicted_sampling_forward_matches_the_measured_forward(cls):
     transformer = build_transformer(SMALL[cls], Setting("none", False), torch.float32, cls)
     inputs = step_inputs(transformer, video, 1, torch.float32, facts=ModelFacts(cls))
     with torch.no_grad(), LiveTensorTracker() as tracker:
-        predictor.arch.velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.rotary)
+        predictor.arch.velocity(transformer, inputs.x_t, inputs.t, inputs.c, inputs.extras)
     print(f"{cls}: predicted {predicted} B, measured {tracker.peak_bytes} B")
     assert abs(predicted / tracker.peak_bytes - 1) <= 0.05
     assert inputs_bytes == inputs.nbytes

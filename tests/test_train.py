@@ -295,7 +295,7 @@ def test_unlearning_target_starts_from_the_configured_anchor(anchor):
     from conftest import randomize_erasers, tiny_transformer
     from lowmem_eraser import attach_erasers, erasers_disabled
     from lowmem_eraser.config import LossConfig
-    from lowmem_eraser.train import eraser_losses_backward, velocity
+    from lowmem_eraser.train import StepInputs, eraser_losses_backward, velocity
 
     transformer = tiny_transformer()
     erasers = attach_erasers(transformer, rank=4)
@@ -305,7 +305,7 @@ def test_unlearning_target_starts_from_the_configured_anchor(anchor):
     t = torch.tensor([100, 700])
     c, empty, c_pre = (torch.randn(2, 7, 24, generator=gen) for _ in range(3))
     loss = LossConfig(eta=2.5, alpha=0.0, beta=0.5, anchor=anchor)
-    terms = eraser_losses_backward(transformer, erasers, x_t, t, c, empty, c_pre, None, None, 3, loss)
+    terms = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3), loss)
 
     with torch.no_grad():
         with erasers_disabled(transformer):
