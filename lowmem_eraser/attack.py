@@ -33,13 +33,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import LowmemEraserError
+from .errors import AttackError  # noqa: F401  (importable from here too)
 
 MAX_STEPS = 10_000  # an attack or inner loop longer than this is a typo, not a setting
-
-
-class AttackError(LowmemEraserError, ValueError):
-    """Attack settings that cannot work (vector count, steps) or a model the attack does not support."""
 
 
 @dataclass(frozen=True)

@@ -92,15 +92,19 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import launched_processes
     from .runfolder import TrainingInterrupted
     from .train import train
 
+    main_process = launched_processes().main  # under torchrun, rank 0 speaks for the run
     try:
         out = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
-        print(f"lowmem-eraser train: {stop}", file=sys.stderr)
+        if main_process:
+            print(f"lowmem-eraser train: {stop}", file=sys.stderr)
         return stop.exit_code
-    print(f"eraser written to {out}")
+    if main_process:
+        print(f"eraser written to {out}")
     return 0
 
 

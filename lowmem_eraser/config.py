@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import types
 import typing
-import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Sequence
@@ -23,6 +23,8 @@ import yaml
 from .errors import ConfigError, LowmemEraserError
 from .families import block_count, family_of_folder, require_trainable, transformer_config_json
 from .localization import concept_spans
+
+logger = logging.getLogger(__name__)
 
 MODEL_SUBFOLDERS = ("transformer", "text_encoder", "tokenizer", "scheduler")  # vae/ is not needed to train
 PROMPT_COLUMNS = ("prompt", "normal prompt")  # the published CSV: target prompt, preservation twin
@@ -465,11 +467,9 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"concepts[{i}]: concept {entry.concept!r} appears in none of the {len(its_pairs)} "
                               f"target prompts of {entry.prompts} (its localisation mask would be empty)")
     if pairs is not None and not any(concept_spans(target, config.concept) for target, _ in pairs):
-        warnings.warn(
-            f"concept {config.concept!r} appears in none of the {len(pairs)} target prompts of {config.prompts}: "
-            "the localisation mask will be empty, so L_loc penalises the eraser everywhere",
-            stacklevel=2,
-        )
+        logger.warning(
+            "concept %r appears in none of the %d target prompts of %s: the localisation mask will be empty, so "
+            "L_loc penalises the eraser everywhere", config.concept, len(pairs), config.prompts)
 
 
 def _entry_pairs(config: TrainConfig, i: int) -> list[tuple[str, str]]:

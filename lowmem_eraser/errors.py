@@ -34,3 +34,35 @@ class ModelFileError(LowmemEraserError):
 
 class HostMemoryError(LowmemEraserError, MemoryError):
     """Not enough host RAM for what a setting pins or loads; raised before allocating, with the figures."""
+
+
+class RunFolderError(LowmemEraserError):
+    """The output folder cannot be used as asked (locked, holds a run, unwritable)."""
+
+
+class TrainingError(LowmemEraserError):
+    """Training cannot go on (e.g. the loss stayed non-finite, a rank of a multi-process run failed)."""
+
+
+class TrainingInterrupted(LowmemEraserError):
+    """The run was stopped by a signal; `message` says what was saved and how to continue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class DistributedError(LowmemEraserError):
+    """A multi-process launch that cannot work (batch split, processes vs GPUs, mixed devices)."""
+
+
+class AttackError(LowmemEraserError, ValueError):
+    """Attack settings that cannot work (vector count, steps) or a model the attack does not support."""
+
+
+class PlanError(LowmemEraserError):
+    """A bad `plan` argument; the message names it."""

@@ -29,7 +29,7 @@ checkpointing.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +39,8 @@ from torch import nn
 from .errors import HostMemoryError, LowmemEraserError
 from .families import repeated_blocks
 from .memory import return_freed_memory
+
+logger = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes; every tensor starts aligned in the flat buffers (CUDA kernels want 16+)
 
@@ -156,7 +158,7 @@ class BlockOffloader:
         if self._hooks:
             raise LowmemEraserError("BlockOffloader is already attached; call detach() first")
         if not self.enabled:
-            warnings.warn(f"offload does nothing on {self.device.type}: the weights are already in host memory")
+            logger.warning("offload does nothing on %s: the weights are already in host memory", self.device.type)
             return
         blocks = repeated_blocks(self.transformer)
         if not blocks:

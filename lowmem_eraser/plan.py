@@ -36,7 +36,7 @@ from .activation_offload import offload_activations
 from .adapter import attach_erasers
 from .attack import AdversarialPrompts, SoftPrompt
 from .config import EraserConfig, LossConfig, MemoryConfig, SamplingConfig, TrainConfig, VideoConfig
-from .errors import LowmemEraserError
+from .errors import LowmemEraserError, PlanError  # noqa: F401  (PlanError importable from here too)
 from .memory import LiveTensorTracker, pinned_allocation_bytes, tensor_bytes
 from .loading import folder_json
 from .offload import aligned_bytes
@@ -134,10 +134,6 @@ MODEL_PRESETS: dict[str, Preset] = {
 PRESETS = {name: preset.transformer for name, preset in MODEL_PRESETS.items()}
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-class PlanError(LowmemEraserError):
-    """A bad `plan` argument; the message names it."""
 
 
 def parse_size(text: str, name: str = "--budget") -> int:

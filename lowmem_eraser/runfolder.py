@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowmemEraserError, WriteError
+from .errors import RunFolderError, TrainingInterrupted, WriteError  # noqa: F401  (importable from here too)
 from .serialization import atomic_write, write_error
 
 logger = logging.getLogger(__name__)
@@ -39,22 +39,6 @@ STATE = "training_state.pt"
 RUN_FILES = ("eraser_weights.pt", "eraser_weights.safetensors")
 _TEMP = re.compile(r"^\..+\.tmp-\d+$")  # serialization.atomic_write's and save_checkpoint's temp names
 _STEP = re.compile(r"^step-(\d+)$")
-
-
-class RunFolderError(LowmemEraserError):
-    """The output folder cannot be used as asked (locked, holds a run, unwritable)."""
-
-
-class TrainingInterrupted(LowmemEraserError):
-    """The run was stopped by a signal; `message` says what was saved and how to continue."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 # --- the folder ------------------------------------------------------------------------------------------------
@@ -316,9 +300,20 @@ class StopSignals:
         if self._deferring:
             if self.pending is None:
                 self.pending = signum
-                logger.warning("%s received: finishing the checkpoint first", signal.Signals(signum).name)
+                logger.warning("%s received: stopping once the current step is saved", signal.Signals(signum).name)
             return
         raise Stop(signum)
+
+    @contextlib.contextmanager
+    def polled(self):
+        """Signals inside only set `pending` and never raise, not even when a `deferred` block inside ends: the
+        caller reads `pending` where it can stop (a multi-process run, at each step's sync, so that every rank
+        stops after the same step)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
 
     @contextlib.contextmanager
     def deferred(self, swallow: bool = False):

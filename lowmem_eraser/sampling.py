@@ -109,7 +109,8 @@ def _generate(pipe, prompt_embeds, empty, video, sampling, generator, device, st
 
 
 @torch.no_grad()
-def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device, cache_dir=None) -> torch.Tensor:
+def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, device, cache_dir=None,
+                           share: tuple[int, int] | None = None) -> torch.Tensor | None:
     """x0 for each target prompt, generated with the frozen model (adapters off). Returns the pipeline's
     latents on CPU (CogVideoX [n, F, C, H, W]; Wan, HunyuanVideo [n, C, F, H, W]).
 
@@ -117,7 +118,9 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
     x0 is the same for every batch size. With `cache_dir` (hours on 5b) every prompt's x0 is written there
     atomically as soon as its batch is done and reused on the next start: a kill loses at most the batch in
     progress. Batches keep their place in the fixed grid [0, b), [b, 2b), ... so a resumed run computes each
-    latent in exactly the batch it would have had (bit-identical x0)."""
+    latent in exactly the batch it would have had (bit-identical x0). `share=(rank, world_size)`: only the
+    batches rank, rank + world_size, ... are made, into the cache (returns None); the processes of a multi-process
+    run split the work this way and then each reads the whole cache."""
     from tqdm.auto import tqdm
 
     from .serialization import atomic_write
@@ -126,12 +129,17 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
     paths = [Path(cache_dir) / f"{i:05d}.pt" for i in range(n)] if cache_dir is not None else [None] * n
     latents = [torch.load(p, weights_only=True) if p is not None and p.is_file() else None for p in paths]
     batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    if share is not None:
+        batches = batches[share[0]::share[1]]
     todo = [batch for batch in batches if any(latents[i] is None for i in batch)]
     if todo and cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     done = n - sum(len(batch) for batch in todo)
-    with all_erasers_disabled(pipe), tqdm(total=n, initial=done, desc="x0 generation", unit="prompt",
-                                                    dynamic_ncols=True, disable=not todo) as bar:
+    if share is not None:
+        done = sum(len(batch) for batch in batches) - sum(len(batch) for batch in todo)
+    total = n if share is None else sum(len(batch) for batch in batches)
+    with all_erasers_disabled(pipe), tqdm(total=total, initial=done, desc="x0 generation", unit="prompt",
+                                          dynamic_ncols=True, disable=not todo or bool(share and share[0])) as bar:
         for batch in todo:
             generators = [torch.Generator(device).manual_seed(seed + i) for i in batch]
             out = _generate(pipe, target_embeds[batch], empty, video, sampling, generators, device).cpu()
@@ -140,7 +148,7 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
                 if paths[i] is not None:
                     atomic_write(paths[i], lambda tmp, value=latents[i]: torch.save(value, tmp))
             bar.update(len(batch))
-    return torch.stack(latents)
+    return torch.stack(latents) if share is None else None
 
 
 def renoise(transformer, scheduler, x0: torch.Tensor, generator: torch.Generator,
@@ -152,11 +160,21 @@ def renoise(transformer, scheduler, x0: torch.Tensor, generator: torch.Generator
 
 
 @torch.no_grad()
-def trajectory(pipe, target_embeds, empty, video, sampling, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoise with the current model (adapters on) for a random number of steps; returns (x_t, t) on CPU."""
+def trajectory(pipe, target_embeds, empty, video, sampling, generator, device,
+               share: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise with the current model (adapters on) for a random number of steps; returns (x_t, t) on CPU.
+
+    `share=(start, stop)`: only the samples [start, stop) of the batch (one rank's slice of a multi-process run's
+    global batch), each from its own noise seed (seed + its position), so that the slice is what the whole batch
+    would hold at those positions. Without it the batch's noise comes from one seed (single-process runs, as
+    they always were)."""
     stop_after = int(torch.randint(1, sampling.num_inference_steps, (1,), generator=generator))
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    device_generator = torch.Generator(device).manual_seed(seed)
+    if share is None:
+        device_generator = torch.Generator(device).manual_seed(seed)
+    else:
+        target_embeds = target_embeds[share[0]:share[1]]
+        device_generator = [torch.Generator(device).manual_seed(seed + i) for i in range(*share)]
     latents = _generate(pipe, target_embeds, empty, video, sampling, device_generator, device, stop_after=stop_after)
     t = pipe.scheduler.timesteps[stop_after]  # the timestep the latents now sit at
     return latents.cpu(), t.cpu().expand(latents.shape[0])

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from . import runfolder
+from . import distributed, runfolder
 from .activation_offload import offload_activations
 from .adapter import attach_erasers, erasers_disabled
 from .attack import AdversarialPrompts, SoftPrompt, learn_soft_prompt, with_soft_prompt
 from .config import TrainConfig, TrainLoopConfig, concept_pairs, validate
-from .errors import LowmemEraserError
+from .errors import TrainingError  # noqa: F401  (importable from here too)
 from .families import block_count, family_of, runtime_of_folder, transformer_config_json
 from .loading import from_pretrained_or_error, model_files
 from .localization import ConceptMaskCapture
@@ -52,10 +52,6 @@ from .validation import encode_validation_prompts, run_validation
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before giving up
-
-
-class TrainingError(LowmemEraserError):
-    """Training cannot go on (e.g. the loss stayed non-finite)."""
 
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype, device: torch.device, cache: Path | None = None,
@@ -312,11 +308,13 @@ def cached(path: Path, make):
 
 
 def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run: dict,
-                   adversarial_vectors: torch.Tensor | None = None) -> dict:
+                   adversarial_vectors: torch.Tensor | None = None, world_size: int = 1) -> dict:
     """Everything a bit-exact resume needs (`run`: the fingerprint and config it was trained with;
-    `adversarial_vectors`: adversarial training's per-prompt vectors, kept between visits)."""
+    `adversarial_vectors`: adversarial training's per-prompt vectors, kept between visits; `world_size`: the
+    processes that trained it, for the record: every rank holds the same state)."""
     state = {
         "step": step,
+        "world_size": world_size,
         "erasers": erasers.state_dict(),
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
@@ -332,9 +330,9 @@ def training_state(step: int, erasers, optimizer, generator, bad_steps: int, run
 
 
 def save_checkpoint(out: Path, step: int, erasers, optimizer, generator, bad_steps: int, run: dict, keep: int,
-                    adversarial_vectors: torch.Tensor | None = None):
+                    adversarial_vectors: torch.Tensor | None = None, world_size: int = 1):
     """`checkpoint/step-N/` = training_state.pt + the published eraser, as one unit (runfolder.save_checkpoint)."""
-    state = training_state(step, erasers, optimizer, generator, bad_steps, run, adversarial_vectors)
+    state = training_state(step, erasers, optimizer, generator, bad_steps, run, adversarial_vectors, world_size)
     return runfolder.save_checkpoint(out, step, state, lambda folder: save_erasers(erasers, folder,
                                                                                    metadata={"step": step}), keep)
 
@@ -357,24 +355,88 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     """Train an eraser as configured; returns the output folder (published eraser format + sidecar).
 
     The folder is locked for the run; a folder that holds a run needs `resume` or `overwrite`. A stop signal
-    (Ctrl-C, SIGTERM, SIGHUP) ends the run with `TrainingInterrupted` after saving what can be resumed."""
+    (Ctrl-C, SIGTERM, SIGHUP) ends the run with `TrainingInterrupted` after saving what can be resumed. Under
+    torchrun / accelerate launch the run is data-parallel (distributed.py): rank 0 owns the folder and writes."""
     validate(config)
     configure_cuda_allocator()  # before anything touches CUDA
-    out = Path(config.output_dir)
-    lock = runfolder.prepare(out, resume, overwrite)
+    processes = distributed.start(config.train.batch_size)
     try:
-        with runfolder.StopSignals() as signals:
-            return _train(config, resume, out, signals)
+        out = Path(config.output_dir)
+        lock = None
+        with processes.main_first():  # the others wait until the folder is locked and safe to read
+            if processes.main:
+                lock = runfolder.prepare(out, resume, overwrite)
+        try:
+            with runfolder.StopSignals() as signals:
+                session = setup(config, resume, out, signals, processes)
+                try:
+                    return train_loop(session)
+                finally:
+                    session.tracker.close()
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        lock.release()
+        distributed.stop(processes)
 
 
-def _train(config: TrainConfig, resume: bool, out: Path, signals) -> Path:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Session:
+    """What `setup` builds and the loop reads: the run's folder and processes, the encoded prompts, the frozen
+    base with its erasers, the pipeline pieces a step needs, and the training state (restored on resume)."""
+
+    config: TrainConfig
+    out: Path
+    resume: bool
+    processes: distributed.Processes
+    signals: runfolder.StopSignals
+    device: torch.device
+    dtype: torch.dtype
+    run: dict  # the fingerprint and config every checkpoint carries
+    tracker: Any
+    entries: list  # the concepts (config.concept_entries())
+    sizes: list[int]  # pairs per concept, in the entries' order
+    pair_eta: torch.Tensor | None  # one eta per pair (several concepts), else None: loss.eta
+    concept_key: Any
+    text: PromptEmbeddings
+    validation_text: Any
+    transformers: list
+    sets: list  # each transformer's erasers
+    erasers: torch.nn.Module  # what the optimiser and the state hold
+    activations: Any
+    scheduler: Any
+    pipe: Any
+    extras: Any
+    frames: int
+    x0: torch.Tensor | None  # renoise / adversarial steps: every target prompt's sample of the original model
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every draw of the run, the same on every rank
+    start: int
+    bad_steps: int
+    adversarial_vectors: torch.Tensor | None  # adversarial training: each target prompt's vectors (CPU)
+    inner: SoftPrompt
+    sync: distributed.StepSync
+
+    def checkpoint(self, step_count: int):
+        """checkpoint/step-N (rank 0 writes; the others have the same state)."""
+        if not self.processes.main:
+            return None
+        return save_checkpoint(self.out, step_count, self.erasers, self.optimizer, self.generator, self.bad_steps,
+                               self.run, self.config.train.keep_checkpoints, self.adversarial_vectors,
+                               self.processes.world_size)
+
+
+def setup(config: TrainConfig, resume: bool, out: Path, signals, processes=distributed.SINGLE) -> Session:
+    """Everything before the first step: the checkpoint to resume, the tracker, text encoding, the frozen base
+    and its erasers, x0 for `renoise`, the optimiser. Caches on disk are filled by rank 0 first (text, int8) or
+    split over the ranks (x0). A stop signal here ends the run with what is cached kept."""
+    device = distributed.local_device(processes) if processes.enabled else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.memory.dtype]
-    pairs = concept_pairs(config)  # one list of pairs per concept (one concept: one list)
+    concepts_pairs = concept_pairs(config)  # one list of pairs per concept (one concept: one list)
     # one concept: its pairs, as the fingerprint always had them; several: each concept's list (its split counts)
-    run = {"fingerprint": runfolder.fingerprint(config.to_dict(), pairs[0] if len(pairs) == 1 else pairs),
+    run = {"fingerprint": runfolder.fingerprint(config.to_dict(), concepts_pairs[0] if len(concepts_pairs) == 1
+                                                else concepts_pairs),
            "config": config.to_dict()}
     checkpoint = None
     if resume:
@@ -382,13 +444,125 @@ def _train(config: TrainConfig, resume: bool, out: Path, signals) -> Path:
         runfolder.check_resume(checkpoint.get("fingerprint"), run["fingerprint"], checkpoint["step"],
                                config.train.steps)
         _log_safe_changes(checkpoint.get("config"), run["config"])
+        saved_world = checkpoint.get("world_size", 1)
+        if saved_world != processes.world_size:
+            # the global batch and every draw come from the one generator whatever the process count, so the run
+            # goes on with the same samples; only the gradient sums' order (fp32 rounding) changes
+            logger.info("the checkpoint was written by %d process(es), this run has %d: it continues with the same "
+                        "draws (the global batch is split differently; sums differ in rounding only)", saved_world,
+                        processes.world_size)
         logger.info("resuming from %s (step %d)", folder, checkpoint["step"])
     # a missing tracking package fails here, before any work; on resume it drops the events of the redone steps
-    tracker = make_tracker(config.report_to, out, config.to_dict(), start_step=checkpoint["step"] if checkpoint else 0)
+    tracker = make_tracker(config.report_to if processes.main else "none", out, config.to_dict(),
+                           start_step=checkpoint["step"] if checkpoint else 0)
     try:
-        return _run(config, resume, out, signals, device, dtype, pairs, run, tracker, checkpoint)
-    finally:
+        return _build(config, resume, out, signals, processes, device, dtype, concepts_pairs, run, tracker,
+                      checkpoint)
+    except BaseException:
         tracker.close()
+        raise
+
+
+def _build(config, resume, out, signals, processes, device, dtype, concepts_pairs, run, tracker, checkpoint):
+    loss_cfg, loop, video = config.loss, config.train, config.video
+    adversarial = loss_cfg.adversarial
+    entries = config.concept_entries()
+    pairs = [pair for its_pairs in concepts_pairs for pair in its_pairs]  # every concept's, in the entries' order
+    sizes = [len(its_pairs) for its_pairs in concepts_pairs]
+    # one eta per pair (its concept's); one concept: None, the loss's own eta, as single-concept runs always had
+    pair_eta = None if len(entries) == 1 else torch.tensor(
+        [entry.eta for entry, size in zip(entries, sizes) for _ in range(size)], dtype=torch.float32)
+    concept_key = entries[0].concept if len(entries) == 1 else [entry.concept for entry in entries]
+    if processes.main:
+        atomic_write(out / "config.yaml",
+                     lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+    torch.manual_seed(loop.seed)
+    phase = "text encoding"
+    try:
+        # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
+        max_length = runtime_of_folder(config.model).max_text_length(transformer_config_json(config.model))
+        validation = config.validation
+        validation_text = None
+        with processes.main_first():  # rank 0 fills the cache, the others read it
+            text = _encode_concepts(config, entries, concepts_pairs, max_length, dtype, device, out / "cache")
+            if validation.every > 0 and processes.main:  # encoded now: the text encoder is gone once training runs
+                validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype,
+                                                            device, out / "cache",
+                                                            placement=config.memory.text_encoder)
+
+        # 2. One frozen base (optionally int8, streamed), fp32 adapters on top; Wan2.2 A14B: one per expert, each
+        # with its own erasers (one optimiser, one file: transformer_2's under its key prefix).
+        phase = "loading the transformer"
+        experts = runtime_of_folder(config.model).experts(config.model)
+        with processes.main_first():  # memory.int8_cache: rank 0 writes it, the others load it
+            transformers = [load_transformer(config, dtype, device, out / "cache", name) for name in experts]
+        sets = [attach_erasers(t, rank=config.eraser.rank, expert=name if len(experts) > 1 else None)
+                for t, name in zip(transformers, experts)]
+        for eraser_set in sets:
+            eraser_set.to(device)
+            eraser_set.kernels = config.memory.kernels
+        erasers = sets[0] if len(sets) == 1 else torch.nn.ModuleList(sets)  # what the optimiser and state hold
+        transformer = transformers[0]
+        if config.memory.offload_activations and device.type != "cuda":
+            logger.info("memory.offload_activations needs CUDA; on this device activations stay where they are")
+        activations = offload_activations(config.memory.offload_activations and device.type == "cuda", device,
+                                          model=transformer if len(sets) == 1 else torch.nn.ModuleList(transformers))
+        scheduler = load_scheduler(config.model)
+        pipe = make_pipeline(transformer, scheduler, config.model, *transformers[1:])
+        pipe.set_progress_bar_config(disable=True)
+        extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
+
+        # 3. x0 for `renoise` (and adversarial steps, which draw x_t as the attack does): one sample per target
+        # prompt from the frozen model, each cached as soon as it exists; several ranks split the prompts.
+        x0 = None
+        if config.sampling.mode == "renoise" or adversarial.every > 0:
+            phase = "x0 generation"
+            sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
+            settings = [cache_key(config.model, pairs, concept_key, max_length, dtype), loop.seed,
+                        sampling, config.to_dict()["video"], config.memory.quantize]
+            x0_dir = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}"
+            if processes.enabled:  # each rank its share of the batches into the cache, then all read all of it
+                generate_clean_latents(pipe, text.target, text.empty, video, config.sampling, loop.seed, device,
+                                       cache_dir=x0_dir, share=(processes.rank, processes.world_size))
+                processes.barrier()
+            x0 = generate_clean_latents(pipe, text.target, text.empty, video, config.sampling, loop.seed, device,
+                                        cache_dir=x0_dir)
+    except (runfolder.Stop, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, runfolder.Stop) else signal.SIGINT
+        raise runfolder.TrainingInterrupted(
+            f"interrupted during {phase}: what is done is cached in {out / 'cache'} (text embeddings, every "
+            f"finished x0); run the same command again{' with --resume' if resume else ' with --overwrite'} "
+            "to continue from there", signum) from None
+
+    # 4. Optimiser on the fp32 adapter parameters only; all sampling randomness from one saved generator.
+    optimizer = torch.optim.AdamW(erasers.parameters(), lr=loop.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(loop.seed)
+    sync = distributed.StepSync(processes, list(erasers.parameters()))
+    start, bad_steps = 0, 0
+    if checkpoint is not None:
+        start, bad_steps = restore(checkpoint, erasers, optimizer, generator)
+    else:
+        sync.broadcast_parameters()
+    # adversarial training: each target prompt's vectors, from its own values, kept between its visits (CPU)
+    adversarial_vectors = None
+    if adversarial.every > 0:
+        adversarial_vectors = text.target[:, text.target.shape[1] - adversarial.tokens:].float().clone()
+        if checkpoint is not None:  # the fingerprint matched, so a checkpoint without them is damaged
+            saved = checkpoint.get("adversarial_vectors")
+            if saved is None or saved.shape != adversarial_vectors.shape:
+                raise TrainingError(f"--resume: the checkpoint has no adversarial vectors of shape "
+                                    f"{tuple(adversarial_vectors.shape)} (loss.adversarial is on): it is damaged; "
+                                    "resume from another checkpoint/step-N or start again with --overwrite")
+            adversarial_vectors = saved
+    return Session(
+        config=config, out=out, resume=resume, processes=processes, signals=signals, device=device, dtype=dtype,
+        run=run, tracker=tracker, entries=entries, sizes=sizes, pair_eta=pair_eta, concept_key=concept_key,
+        text=text, validation_text=validation_text, transformers=transformers, sets=sets, erasers=erasers,
+        activations=activations, scheduler=scheduler, pipe=pipe, extras=extras, frames=latent_frames(video.frames),
+        x0=x0, optimizer=optimizer, generator=generator, start=start, bad_steps=bad_steps,
+        adversarial_vectors=adversarial_vectors, inner=SoftPrompt(adversarial.tokens, adversarial.inner_steps,
+                                                                  adversarial.lr),
+        sync=sync)
 
 
 def draw_pairs(sizes: list[int], batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -419,193 +593,184 @@ def _encode_concepts(config: TrainConfig, entries, pairs, max_length, dtype, dev
                             concept_tokens=torch.cat([text.concept_tokens for text in texts]))
 
 
-def _run(config: TrainConfig, resume: bool, out: Path, signals, device, dtype, concepts_pairs, run: dict, tracker,
-         checkpoint: dict | None) -> Path:
-    loss_cfg, loop, video = config.loss, config.train, config.video
-    adversarial = loss_cfg.adversarial
-    entries = config.concept_entries()
-    pairs = [pair for its_pairs in concepts_pairs for pair in its_pairs]  # every concept's, in the entries' order
-    sizes = [len(its_pairs) for its_pairs in concepts_pairs]
-    # one eta per pair (its concept's); one concept: None, the loss's own eta, as single-concept runs always had
-    pair_eta = None if len(entries) == 1 else torch.tensor(
-        [entry.eta for entry, size in zip(entries, sizes) for _ in range(size)], dtype=torch.float32)
-    concept_key = entries[0].concept if len(entries) == 1 else [entry.concept for entry in entries]
-    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
-    torch.manual_seed(loop.seed)
-    phase = "text encoding"
-    try:
-        # 1. Text: every prompt encoded once (cached on disk), the encoder freed before the transformer loads.
-        max_length = runtime_of_folder(config.model).max_text_length(transformer_config_json(config.model))
-        text = _encode_concepts(config, entries, concepts_pairs, max_length, dtype, device, out / "cache")
-        validation = config.validation
-        if validation.every > 0:  # encoded now: the text encoder is gone once training runs
-            validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype, device,
-                                                        out / "cache", placement=config.memory.text_encoder)
+def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
+    """Step `step`'s global batch, drawn from the run's generator (the same draws on every rank), and this rank's
+    slice of it as StepInputs; also returns the slice's pair indices. x_t for the whole global batch is drawn so
+    that N processes x batch b train exactly what one process x batch N·b would (renoise: the noise and t of the
+    global batch; trajectory with several processes: each sample denoised from its own seed)."""
+    config, processes, device = session.config, session.processes, session.device
+    adversarial = config.loss.adversarial
+    index = draw_pairs(session.sizes, config.train.batch_size, session.generator)
+    mine = processes.slice(len(index))
+    attacking = adversarial.every > 0 and step % adversarial.every == 0
+    if config.sampling.mode == "renoise" or attacking:
+        x_t, t = renoise(session.transformers[0], session.scheduler, session.x0[index], session.generator,
+                         config.sampling.num_inference_steps)
+        x_t, t = x_t[mine], t[mine]
+    else:
+        x_t, t = trajectory(session.pipe, session.text.target[index], session.text.empty, config.video,
+                            config.sampling, session.generator, device,
+                            share=(mine.start, mine.stop) if processes.enabled else None)
+    index = index[mine]
+    text = session.text
+    c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
+    attack = None
+    if attacking:
+        attack = AdversarialPrompts(session.inner, session.adversarial_vectors[index].to(device))
+    batch = StepInputs(x_t.to(device, session.dtype), t.to(device), c, c_pre=c_pre,
+                       empty=text.empty.expand_as(c).to(device), concept_tokens=text.concept_tokens[index],
+                       extras=session.extras, frames=session.frames,
+                       eta=None if session.pair_eta is None else session.pair_eta[index], adversarial=attack)
+    return batch, index
 
-        # 2. One frozen base (optionally int8, streamed), fp32 adapters on top; Wan2.2 A14B: one per expert, each
-        # with its own erasers (one optimiser, one file: transformer_2's under its key prefix).
-        phase = "loading the transformer"
-        experts = runtime_of_folder(config.model).experts(config.model)
-        transformers = [load_transformer(config, dtype, device, out / "cache", name) for name in experts]
-        sets = [attach_erasers(t, rank=config.eraser.rank, expert=name if len(experts) > 1 else None)
-                for t, name in zip(transformers, experts)]
-        for eraser_set in sets:
-            eraser_set.to(device)
-            eraser_set.kernels = config.memory.kernels
-        erasers = sets[0] if len(sets) == 1 else torch.nn.ModuleList(sets)  # what the optimiser and state hold
-        transformer = transformers[0]
-        if config.memory.offload_activations and device.type != "cuda":
-            logger.info("memory.offload_activations needs CUDA; on this device activations stay where they are")
-        activations = offload_activations(config.memory.offload_activations and device.type == "cuda", device,
-                                          model=transformer if len(sets) == 1 else torch.nn.ModuleList(transformers))
-        scheduler = load_scheduler(config.model)
-        pipe = make_pipeline(transformer, scheduler, config.model, *transformers[1:])
-        pipe.set_progress_bar_config(disable=True)
-        extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
-        frames = latent_frames(video.frames)
 
-        # 3. x0 for `renoise` (and adversarial steps, which draw x_t as the attack does): one sample per target
-        # prompt from the frozen model, each cached as soon as it exists.
-        if config.sampling.mode == "renoise" or adversarial.every > 0:
-            phase = "x0 generation"
-            sampling = {k: v for k, v in config.to_dict()["sampling"].items() if k != "batch_size"}  # x0 ignores it
-            settings = [cache_key(config.model, pairs, concept_key, max_length, dtype), loop.seed,
-                        sampling, config.to_dict()["video"], config.memory.quantize]
-            x0_dir = out / "cache" / f"x0-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}"
-            x0 = generate_clean_latents(pipe, text.target, text.empty, video, config.sampling, loop.seed, device,
-                                        cache_dir=x0_dir)
-    except (runfolder.Stop, KeyboardInterrupt) as stop:
-        signum = stop.signum if isinstance(stop, runfolder.Stop) else signal.SIGINT
-        raise runfolder.TrainingInterrupted(
-            f"interrupted during {phase}: what is done is cached in {out / 'cache'} (text embeddings, every "
-            f"finished x0); run the same command again{' with --resume' if resume else ' with --overwrite'} "
-            "to continue from there", signum) from None
+def train_step(session: Session, batch: StepInputs, index: torch.Tensor, step: int, meter: MemoryMeter,
+               record=None) -> tuple[dict, bool]:
+    """One optimiser step on `batch` (pairs `index`): the losses' passes, the gradients averaged over the ranks,
+    the NaN guard, the update and the adversarial vectors kept. `record(row)` runs with the update as one unit
+    (a stop signal waits for both: the loop writes the metrics row and a due checkpoint there). Returns the
+    metrics row and whether the run stops after this step: a failure on any rank stops every rank with that
+    rank's error; a stop signal on any rank of a multi-process run stops every rank after this same step."""
+    loop = session.config.train
+    optimizer, erasers, sync = session.optimizer, session.erasers, session.sync
+    lr = loop.lr * lr_factor(loop, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    error = None
+    losses = {}
+    with meter.step():
+        try:
+            losses = experts_losses_backward(session.pipe, session.sets, batch, session.config.loss,
+                                             activations=session.activations)
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks have heard of it)
+            if not session.processes.enabled:
+                raise
+            error = exc
+            optimizer.zero_grad(set_to_none=True)
+    losses, failed, stopping = sync(losses, error is not None, session.signals.pending is not None)
+    if failed:
+        message = sync.failure(error)
+        if error is not None:
+            raise error
+        raise TrainingError(f"step {step}: another process of the run failed ({message}); every process stops")
+    learned = None
+    if batch.adversarial is not None:  # every rank's vectors, in the global batch's order
+        learned = sync.gather(batch.adversarial.learned)
+        index = sync.gather(index.to(learned.device)).cpu()
+    loss = losses["loss"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
+    skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+    if skipped:  # NaN/Inf guard: never let a non-finite update reach the weights
+        session.bad_steps += 1
+        if session.bad_steps >= MAX_BAD_STEPS:
+            raise TrainingError(
+                f"step {step}: loss or gradients non-finite {session.bad_steps} steps in a row; stopping. "
+                "Lower train.lr or loss.eta, or use memory.dtype: bfloat16 instead of float16"
+            )
+    else:
+        session.bad_steps = 0
+    row = {"step": step, **{name: losses[name].item() for name in distributed.LOSS_TERMS},
+           "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped, "peak_mem_mib": meter.peak_bytes / 2**20}
+    if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
+        row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
+    with session.signals.deferred():  # the update, the vectors and the loop's record are one unit
+        if not skipped:
+            optimizer.step()
+            if learned is not None:  # a prompt drawn twice in the batch keeps its last sample's
+                session.adversarial_vectors[index] = learned.cpu()
+        optimizer.zero_grad(set_to_none=True)
+        if record is not None:
+            record(row)
+    return row, stopping
 
-    # 4. Optimiser on the fp32 adapter parameters only; all sampling randomness from one saved generator.
-    optimizer = torch.optim.AdamW(erasers.parameters(), lr=loop.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(loop.seed)
-    start, bad_steps = 0, 0
-    if checkpoint is not None:
-        start, bad_steps = restore(checkpoint, erasers, optimizer, generator)
-    # adversarial training: each target prompt's vectors, from its own values, kept between its visits (CPU)
-    adversarial_vectors = None
-    if adversarial.every > 0:
-        adversarial_vectors = text.target[:, text.target.shape[1] - adversarial.tokens:].float().clone()
-        if checkpoint is not None:  # the fingerprint matched, so a checkpoint without them is damaged
-            saved = checkpoint.get("adversarial_vectors")
-            if saved is None or saved.shape != adversarial_vectors.shape:
-                raise TrainingError(f"--resume: the checkpoint has no adversarial vectors of shape "
-                                    f"{tuple(adversarial_vectors.shape)} (loss.adversarial is on): it is damaged; "
-                                    "resume from another checkpoint/step-N or start again with --overwrite")
-            adversarial_vectors = saved
-    inner = SoftPrompt(adversarial.tokens, adversarial.inner_steps, adversarial.lr)
+
+def train_loop(session: Session) -> Path:
+    """Steps from `session.start` to train.steps: metrics, checkpoints, validation (rank 0 writes), then the
+    final eraser. A stop signal saves a checkpoint to resume from."""
+    config, out, processes, signals = session.config, session.out, session.processes, session.signals
+    loop, validation = config.train, config.validation
     metrics_path = out / "metrics.jsonl"
-    kept = metrics_path.read_text().splitlines() if resume and metrics_path.is_file() else []
-    atomic_write(metrics_path, lambda tmp: tmp.write_text(
-        "".join(f"{line}\n" for line in kept if json.loads(line)["step"] < start)))
+    if processes.main:
+        kept = metrics_path.read_text().splitlines() if session.resume and metrics_path.is_file() else []
+        atomic_write(metrics_path, lambda tmp: tmp.write_text(
+            "".join(f"{line}\n" for line in kept if json.loads(line)["step"] < session.start)))
 
-    def checkpoint_now(step_count: int):
-        return save_checkpoint(out, step_count, erasers, optimizer, generator, bad_steps, run, loop.keep_checkpoints,
-                               adversarial_vectors)
-
-    done = step = start  # steps completed, step in progress
-    step_rng = generator.get_state()
-    bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc="erasing", dynamic_ncols=True)
+    done = step = session.start  # steps completed, step in progress
+    step_rng = session.generator.get_state()
+    bar = tqdm(range(session.start, loop.steps), initial=session.start, total=loop.steps, desc="erasing",
+               dynamic_ncols=True, disable=not processes.main)
+    # several processes: a signal only raises a flag, read at each step's sync, so that every rank stops after the
+    # same step (one process stops at once, inside the step)
+    polling = signals.polled() if processes.enabled else contextlib.nullcontext()
     try:
-        meter = MemoryMeter(device)
-        with metrics_path.open("a") as metrics:
+        meter = MemoryMeter(session.device)
+        with polling, (metrics_path.open("a") if processes.main else contextlib.nullcontext()) as metrics:
             for step in bar:
                 began = time.perf_counter()
-                step_rng = generator.get_state()  # an interrupted step is redone from here on --resume
-                lr = loop.lr * lr_factor(loop, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                index = draw_pairs(sizes, loop.batch_size, generator)
-                c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
-                empty = text.empty.expand_as(c).to(device)
-                attacking = adversarial.every > 0 and step % adversarial.every == 0
-                if config.sampling.mode == "renoise" or attacking:
-                    x_t, t = renoise(transformer, scheduler, x0[index], generator,
-                                      config.sampling.num_inference_steps)
-                else:
-                    x_t, t = trajectory(pipe, text.target[index], text.empty, video, config.sampling, generator, device)
-                x_t, t = x_t.to(device, dtype), t.to(device)
+                step_rng = session.generator.get_state()  # an interrupted step is redone from here on --resume
 
-                attack = None
-                if attacking:
-                    attack = AdversarialPrompts(inner, adversarial_vectors[index].to(device))
-                batch = StepInputs(x_t, t, c, empty, c_pre, text.concept_tokens[index], extras, frames,
-                                   eta=None if pair_eta is None else pair_eta[index], adversarial=attack)
-                with meter.step():
-                    losses = experts_losses_backward(pipe, sets, batch, loss_cfg, activations=activations)
-                loss, unlearn, loc, pre = losses["loss"], losses["unlearn"], losses["loc"], losses["pre"]
-
-                grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
-                skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-                if skipped:  # NaN/Inf guard: never let a non-finite update reach the weights
-                    bad_steps += 1
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise TrainingError(
-                            f"step {step}: loss or gradients non-finite {bad_steps} steps in a row; stopping. "
-                            "Lower train.lr or loss.eta, or use memory.dtype: bfloat16 instead of float16"
-                        )
-                else:
-                    bad_steps = 0
-                with signals.deferred():  # the update, the metrics row and a checkpoint are one unit
-                    if not skipped:
-                        optimizer.step()
-                        if attack is not None:  # a prompt drawn twice in the batch keeps its last sample's
-                            adversarial_vectors[index] = attack.learned.cpu()
-                    optimizer.zero_grad(set_to_none=True)
-
-                    seconds = time.perf_counter() - began
-                    row = {
-                        "step": step, "loss": loss.item(), "unlearn": unlearn.item(), "loc": loc.item(),
-                        "pre": pre.item(), "adv": losses["adv"].item(), "lr": lr, "grad_norm": grad_norm.item(),
-                        "skipped": skipped, "s_per_step": seconds, "peak_mem_mib": meter.peak_bytes / 2**20,
-                    }
-                    if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
-                        row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
-                    if step % loop.log_every == 0 or step == loop.steps - 1:
+                def record(row):
+                    nonlocal done
+                    row["s_per_step"] = time.perf_counter() - began
+                    if processes.main and (step % loop.log_every == 0 or step == loop.steps - 1):
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
-                        tracker.log(row, step)
+                        session.tracker.log(row, step)
                     done = step + 1
                     if done % loop.save_every == 0 and done < loop.steps:
-                        checkpoint_now(done)
+                        session.checkpoint(done)
+
+                batch, index = draw_batch(session, step)
+                row, stopping = train_step(session, batch, index, step, meter, record)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", unlearn=f"{row['unlearn']:.4g}", loc=f"{row['loc']:.3g}",
-                                pre=f"{row['pre']:.3g}", s_step=f"{seconds:.2f}", peak=f"{row['peak_mem_mib']:.0f}MiB")
-                if validation.every > 0 and (done % validation.every == 0 or done == loop.steps):
-                    numbers = run_validation(transformer, scheduler, validation_text, text.empty, validation, video,
-                                             config.model, out, done, tracker, device=device, concept=concept_key,
-                                             transformer_2=transformers[1] if len(transformers) > 1 else None)
-                    tracker.log(numbers, done)
-                    logger.info("validation at step %d: %s", done, ", ".join(
-                        f"{k.removeprefix('validation/')} {v:.3g}" for k, v in numbers.items()))
+                                pre=f"{row['pre']:.3g}", s_step=f"{row['s_per_step']:.2f}",
+                                peak=f"{row['peak_mem_mib']:.0f}MiB")
+                if stopping:  # some rank saw a signal before this step's sync: every rank stops here
+                    raise runfolder.Stop(signals.pending or signal.SIGTERM)
+                if validation.every > 0 and processes.main and (done % validation.every == 0 or done == loop.steps):
+                    _validate(session, done)
     except (runfolder.Stop, KeyboardInterrupt) as stop:
         signum = stop.signum if isinstance(stop, runfolder.Stop) else signal.SIGINT
         if done == step:  # interrupted inside a step (before its update): rewind its random draws
-            generator.set_state(step_rng)
-        optimizer.zero_grad(set_to_none=True)
+            session.generator.set_state(step_rng)
+        session.optimizer.zero_grad(set_to_none=True)
         with signals.deferred(swallow=True):  # a second signal during this save is ignored
-            folder = checkpoint_now(done)
+            folder = session.checkpoint(done)
+            processes.barrier()  # the others wait for rank 0's checkpoint
+        where = f"checkpoint saved in {folder}" if processes.main else "rank 0 saved the checkpoint"
         raise runfolder.TrainingInterrupted(
-            f"interrupted at step {done} of {loop.steps}: checkpoint saved in {folder}; the eraser is not "
-            "finished; continue with --resume", signum) from None
+            f"interrupted at step {done} of {loop.steps}: {where}; the eraser is not finished; continue with "
+            "--resume", signum) from None
     finally:
         bar.close()
 
     with signals.deferred():
-        checkpoint_now(loop.steps)
-        metadata = {"concept": " + ".join(entry.concept for entry in entries),
-                    "concepts": [entry.concept for entry in entries], "eta": loss_cfg.eta,
-                    "concept_eta": {entry.concept: entry.eta for entry in entries}, "alpha": loss_cfg.alpha,
-                    "beta": loss_cfg.beta, "steps": loop.steps, "config": config.to_dict()}
-        save_erasers(erasers, out, metadata=metadata)
-    if metrics_path.stat().st_size:
+        session.checkpoint(loop.steps)
+        if processes.main:
+            loss_cfg = config.loss
+            metadata = {"concept": " + ".join(entry.concept for entry in session.entries),
+                        "concepts": [entry.concept for entry in session.entries], "eta": loss_cfg.eta,
+                        "concept_eta": {entry.concept: entry.eta for entry in session.entries},
+                        "alpha": loss_cfg.alpha, "beta": loss_cfg.beta, "steps": loop.steps,
+                        "config": config.to_dict()}
+            save_erasers(session.erasers, out, metadata=metadata)
+        processes.barrier()  # every rank returns once the eraser is on disk
+    if processes.main and metrics_path.stat().st_size:
         plot_losses(metrics_path, out / "loss.png")
-        tracker.log_media("loss", out / "loss.png", loop.steps)
+        session.tracker.log_media("loss", out / "loss.png", loop.steps)
     return out
+
+
+def _validate(session: Session, done: int) -> None:
+    """Validation videos at step `done` (rank 0; the other ranks wait at the next step's sync)."""
+    transformers = session.transformers
+    numbers = run_validation(transformers[0], session.scheduler, session.validation_text, session.text.empty,
+                             session.config.validation, session.config.video, session.config.model, session.out,
+                             done, session.tracker, device=session.device, concept=session.concept_key,
+                             transformer_2=transformers[1] if len(transformers) > 1 else None)
+    session.tracker.log(numbers, done)
+    logger.info("validation at step %d: %s", done, ", ".join(
+        f"{k.removeprefix('validation/')} {v:.3g}" for k, v in numbers.items()))
 
 
 def _log_safe_changes(saved: dict | None, current: dict) -> None:
