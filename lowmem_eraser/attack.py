@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .errors import AttackError  # noqa: F401  (importable from here too)
 
@@ -93,7 +92,9 @@ def learn_soft_prompt(transformer, text: torch.Tensor, spec: SoftPrompt,
     values there).
 
     The vectors are start + RMS(text)·δ with Adam on δ: a step of `spec.lr` means the same on every encoder's
-    scale, and no value is read back to the host (the planner runs this on fake tensors)."""
+    scale, and no value is read back to the host (the planner runs this on fake tensors). The RMS is each
+    prompt's own and so is its loss, so that a prompt's vectors do not depend on the prompts it is batched with (a
+    multi-process run splits the batch). The losses returned are the batch's mean."""
     from .sampling import runtime_of
 
     require_tensor_condition(text, type(transformer).__name__)
@@ -104,7 +105,7 @@ def learn_soft_prompt(transformer, text: torch.Tensor, spec: SoftPrompt,
     if start.shape != (text.shape[0], spec.tokens, text.shape[2]):
         raise AttackError(f"start: expected vectors of shape {(text.shape[0], spec.tokens, text.shape[2])}, got "
                           f"{tuple(start.shape)}")
-    scale = text.detach().float().pow(2).mean().sqrt().clamp_min(1e-6)  # RMS of the batch's condition
+    scale = text.detach().float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)  # [B, 1, 1]
     delta = torch.zeros_like(start, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=spec.lr)
     saving = activations if activations is not None else contextlib.nullcontext()
@@ -114,9 +115,12 @@ def learn_soft_prompt(transformer, text: torch.Tensor, spec: SoftPrompt,
             x_t, t, v_target = batch(i)
             with saving:
                 v = runtime.velocity(transformer, x_t, t, with_soft_prompt(text, start + scale * delta), extras)
-            loss = F.mse_loss(v.float(), v_target.float())
-            (delta.grad,) = torch.autograd.grad(loss, [delta])
+            # each prompt's own mean error, summed: its vectors' gradient does not depend on the batch size
+            # (Adam is not scale-free where gradients are near its eps)
+            per_prompt = (v.float() - v_target.float()).pow(2).flatten(1).mean(1)
+            (delta.grad,) = torch.autograd.grad(per_prompt.sum(), [delta])
             optimizer.step()
-            losses[i] = loss.detach()
+            loss = per_prompt.detach().mean()
+            losses[i] = loss
             del v, loss
     return (start + scale * delta).detach(), losses
