@@ -22,24 +22,14 @@ import torch
 import yaml
 
 from lowmem_eraser.errors import DistributedError, TrainingError
-from lowmem_eraser.tiny import build_tiny_cogvideox
-
-PAIRS = [
-    ["a red ball moving left", "a blue ball moving left"],
-    ["a red square moving up", "a green square moving up"],
-    ["a small red ball drifting right", "a small yellow ball drifting right"],
-    ["a red square sliding down", "a blue square sliding down"],
-]
+from test_train import tiny_model  # noqa: F401 (the tiny CogVideoX folder with its prompts.yaml)
 ATOL = 1e-5  # module docstring
 TIMEOUT = 300  # seconds for one launch: a hang fails the test instead of CI
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_cogvideox_dp")
-    build_tiny_cogvideox(folder / "model", [p for pair in PAIRS for p in pair], max_text_seq_length=10)
-    (folder / "prompts.yaml").write_text(yaml.safe_dump(PAIRS))
-    return folder
+def model(tiny_model):  # noqa: F811
+    return tiny_model
 
 
 def write_config(model: Path, out: Path, **train) -> Path:
