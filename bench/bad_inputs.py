@@ -141,12 +141,34 @@ def cases(paths: dict) -> list[tuple[str, list[str], str]]:
         ("plan: --h2d-gbps -1", ["plan", "--model", "cogvideox-2b", "--budget", "24GB", "--h2d-gbps", "-1"],
          "--h2d-gbps"),
         ("plan: config not readable", ["plan", "--config", str(root / "nope.yaml"), "--budget", "8GB"], "nope.yaml"),
+        # as torchrun launches rank 0 of 2 (refused before the process group forms: nothing waits for rank 1)
+        ("train under torchrun: batch 3 over 2 processes",
+         ["train", "--config", _config_with(paths, "dp", train={"steps": 2, "batch_size": 3}),
+          "--set", f"output_dir={root / 'dp-run'}", "@WORLD_SIZE=2"], "train.batch_size"),
+        ("train under torchrun: WORLD_SIZE not a number", ["train", "--config", str(paths["config"]), "@WORLD_SIZE=two"],
+         "WORLD_SIZE"),
     ]
 
 
 def classify(argv: list[str], expected: str) -> tuple[str, str]:
+    """`@NAME=VALUE` items of argv are environment variables for the case (a launcher's), not arguments."""
     from lowmem_eraser.cli import main
 
+    env = dict(item[1:].split("=", 1) for item in argv if item.startswith("@"))
+    argv = [item for item in argv if not item.startswith("@")]
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return _classify(main, argv, expected)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _classify(main, argv: list[str], expected: str) -> tuple[str, str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
