@@ -447,10 +447,12 @@ def setup(config: TrainConfig, resume: bool, out: Path, signals, processes=distr
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != processes.world_size:
             # the global batch and every draw come from the one generator whatever the process count, so the run
-            # goes on with the same samples; only the gradient sums' order (fp32 rounding) changes
+            # goes on with the same samples; only the gradient sums' order (fp32 rounding) changes. Trajectory
+            # sampling seeds one process's batch once and several processes' samples one by one (sampling.trajectory)
             logger.info("the checkpoint was written by %d process(es), this run has %d: it continues with the same "
-                        "draws (the global batch is split differently; sums differ in rounding only)", saved_world,
-                        processes.world_size)
+                        "draws (the global batch is split differently; sums differ in rounding only%s)", saved_world,
+                        processes.world_size, "; trajectory noise is seeded per sample with several processes, per "
+                        "batch with one" if config.sampling.mode == "trajectory" else "")
         logger.info("resuming from %s (step %d)", folder, checkpoint["step"])
     # a missing tracking package fails here, before any work; on resume it drops the events of the redone steps
     tracker = make_tracker(config.report_to if processes.main else "none", out, config.to_dict(),
