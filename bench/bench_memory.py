@@ -180,7 +180,7 @@ def inputs():
     made = step_inputs(shape_only, VIDEO, batch=1, dtype=DTYPE)
     for name in ("x_t", "t", "c", "empty", "c_pre", "concept_tokens"):
         setattr(made, name, getattr(made, name).to(DEVICE))
-    made.rotary = None if made.rotary is None else tuple(r.to(DEVICE) for r in made.rotary)
+    made.extras = None if made.extras is None else tuple(r.to(DEVICE) for r in made.extras)
     return made
 
 

@@ -105,7 +105,7 @@ def test_sampling_forward(quantize):
     erasers = attach_erasers(transformer, rank=128)
     inputs = step_inputs(transformer, VIDEO, batch=2, dtype=DTYPE)
     x_t, t, c = inputs.x_t.to(DEVICE), inputs.t.to(DEVICE), inputs.c.to(DEVICE)
-    rotary = None if inputs.rotary is None else tuple(r.to(DEVICE) for r in inputs.rotary)
+    rotary = None if inputs.extras is None else tuple(r.to(DEVICE) for r in inputs.extras)
     _built()
     velocity(transformer, x_t, t, c, rotary)
     if quantize == "triton":  # a kernel that failed its probe would silently measure the PyTorch path

@@ -5,8 +5,10 @@ WORLD_SIZE / LOCAL_RANK / MASTER_ADDR variables). A run without them is one proc
 Only the adapters train, so data parallelism over them is the whole engine: every process holds the frozen base
 and a copy of the erasers, draws the SAME global batch from the one seeded generator and trains its own slice of
 it; after the step's backward passes ONE flat all-reduce averages the adapter gradients together with the step's
-loss terms and two flags (a rank failed, a stop signal arrived), so every rank takes the same update, the same
-skip decision and the same stop. Deliberately not DDP: the erasers are not a submodule of the transformer that
+loss terms and a flag (a rank's step failed), so every rank takes the same update and the same skip decision, and
+a failure stops every rank with the failing rank's error. A stop signal stops each rank at once, as in one process
+(torchrun forwards Ctrl-C / SIGTERM to every worker and kills them 30 s later): rank 0 saves the checkpoint of the
+last finished step, and a rank left waiting in a collective ends with a lost-contact error. Deliberately not DDP: the erasers are not a submodule of the transformer that
 runs forward, and one step accumulates gradients over up to four backward passes (unlearn, adversarial, L_pre,
 each expert's), which DDP would all-reduce once each; one flat buffer after the last is one collective a step.
 FSDP/ZeRO would have nothing to shard (the frozen int8 weights are buffers).
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedError
+from .errors import DistributedError, TrainingError
 
 logger = logging.getLogger(__name__)
 # x0 generation, text encoding and validation run on some ranks while the others wait in a collective: on a
@@ -53,9 +55,32 @@ class Processes:
         share = batch_size // self.world_size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def barrier(self) -> None:
+    def barrier(self, where: str = "setup") -> None:
         if self.enabled:
-            dist.barrier()
+            with lost_contact(where):
+                dist.barrier()
+
+    def in_turn(self, make):
+        """`make()` on one rank after the other, in rank order (loading the base: each rank's host-RAM check then
+        sees what the ranks before it pinned; N processes on a node hold N copies of what one process holds)."""
+        result = None
+        for turn in range(self.world_size):
+            if turn == self.rank:
+                result = make()
+            self.barrier()
+        return result
+
+    def same_everywhere(self, value, what: str) -> None:
+        """A DistributedError on every rank when the ranks hold different `value`s (e.g. the checkpoint each read)."""
+        if not self.enabled:
+            return
+        values = [None] * self.world_size
+        with lost_contact("setup"):
+            dist.all_gather_object(values, value)
+        if len(set(values)) > 1:
+            held = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise DistributedError(f"{what} differs between the processes ({held}); output_dir must be one folder "
+                                   "every process reads (a shared filesystem across nodes)")
 
     @contextlib.contextmanager
     def main_first(self):
@@ -66,7 +91,8 @@ class Processes:
             return
         if not self.main:
             failure = [None]
-            dist.broadcast_object_list(failure, src=0)
+            with lost_contact("setup"):
+                dist.broadcast_object_list(failure, src=0)
             if failure[0] is not None:
                 raise DistributedError(f"rank 0 failed: {failure[0]}")
             yield
@@ -167,48 +193,52 @@ def _rank_zero_notices(processes: Processes) -> None:
 
 class StepSync:
     """The one collective of a training step: averages the adapter gradients and the step's loss terms over the
-    ranks and tells every rank whether some rank failed or was asked to stop. Parameters whose gradient is None
-    on every rank (a Wan2.2 expert that no sample of the global batch reached) keep None, as in one process."""
+    ranks and tells every rank whether some rank's step failed. Parameters whose gradient is None on every rank (a
+    Wan2.2 expert that no sample of the global batch reached) keep None, as in one process. A rank that is gone
+    (stopped by a signal, killed) surfaces here as a lost-contact error."""
 
     def __init__(self, processes: Processes, params: list[torch.nn.Parameter]):
         self.processes, self.params = processes, params
 
-    def __call__(self, terms: dict[str, torch.Tensor], failed: bool, stopping: bool) -> tuple[dict, bool, bool]:
-        """Returns (averaged terms, some rank failed, some rank is stopping). Gradients are averaged in place."""
+    def __call__(self, terms: dict[str, torch.Tensor], failed: bool, step: int) -> tuple[dict, bool]:
+        """Returns (averaged terms, some rank failed). Gradients are averaged in place."""
         if not self.processes.enabled:
-            return terms, failed, stopping
+            return terms, failed
         device = self.params[0].device
         names = LOSS_TERMS  # a failed rank has none: it sends zeros, the others' are dropped anyway
         has_grad = [p.grad is not None for p in self.params]
         parts = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device)
                  for p in self.params]
         head = torch.tensor([*(float(terms[n]) if not failed else 0.0 for n in names), *map(float, has_grad),
-                             float(failed), float(stopping)], device=device)
+                             float(failed)], device=device)
         flat = torch.cat([head, *parts])
-        dist.all_reduce(flat)  # SUM; divided below (equal local batches: the mean of means is the batch mean)
+        with lost_contact(step):
+            dist.all_reduce(flat)  # SUM; divided below (equal local batches: the mean of means is the batch mean)
         world = self.processes.world_size
         flat[:len(names)] /= world
         offset = len(head)
-        for p, had, count in zip(self.params, flat[len(names):len(names) + len(self.params)], parts):
-            n = count.numel()
+        for p, had, part in zip(self.params, flat[len(names):len(names) + len(self.params)], parts):
+            n = part.numel()
             if had > 0:
                 p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
             offset += n
         averaged = {n: flat[i].clone() for i, n in enumerate(names)}
-        return averaged, bool(flat[len(head) - 2] > 0), bool(flat[len(head) - 1] > 0)
+        return averaged, bool(flat[len(head) - 1] > 0)
 
-    def failure(self, error: BaseException | None) -> str:
-        """Every rank's error message (collective: call on every rank once a failure is known); the first one."""
+    def failure(self, error: BaseException | None, step: int) -> str:
+        """The first failed rank's error (collective: every rank calls it once a failure is known)."""
         messages = [None] * self.processes.world_size
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        with lost_contact(step):
+            dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
         return next(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
         """Every rank's `tensor` (equal shapes) concatenated along dim 0 in rank order."""
         if not self.processes.enabled:
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.processes.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
+        with lost_contact(step):
+            dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
     def broadcast_parameters(self) -> None:
@@ -216,3 +246,15 @@ class StepSync:
         if self.processes.enabled:
             for p in self.params:
                 dist.broadcast(p.data, src=0)
+
+
+@contextlib.contextmanager
+def lost_contact(where: int | str):
+    """A collective that fails because another process left (stopped by a signal: rank 0 saved the checkpoint;
+    crashed; killed) becomes one TrainingError instead of the backend's traceback."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as exc:
+        where = f"step {where}" if isinstance(where, int) else where
+        raise TrainingError(f"{where}: lost contact with another process of the run (it stopped or crashed; "
+                            f"its own output says why): {str(exc).splitlines()[0] if str(exc) else exc}") from None

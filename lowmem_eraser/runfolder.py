@@ -300,20 +300,9 @@ class StopSignals:
         if self._deferring:
             if self.pending is None:
                 self.pending = signum
-                logger.warning("%s received: stopping once the current step is saved", signal.Signals(signum).name)
+                logger.warning("%s received: finishing the checkpoint first", signal.Signals(signum).name)
             return
         raise Stop(signum)
-
-    @contextlib.contextmanager
-    def polled(self):
-        """Signals inside only set `pending` and never raise, not even when a `deferred` block inside ends: the
-        caller reads `pending` where it can stop (a multi-process run, at each step's sync, so that every rank
-        stops after the same step)."""
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
 
     @contextlib.contextmanager
     def deferred(self, swallow: bool = False):

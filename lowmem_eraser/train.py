@@ -129,7 +129,8 @@ class StepInputs:
     `extras`: what the family's transformer takes besides x_t, t and the text (sampling.step_extras): CogVideoX-5b's
     rotary embeddings, HunyuanVideo's guidance (a float), else None. `frames`: latent frames (the L_loc mask's).
     `eta`: the negative guidance strength, a float or one per sample (a tensor [B], e.g. each sample's concept's
-    in a run of several concepts); None: `loss.eta`. `adversarial`: this step's adversarial prompts (below)."""
+    in a run of several concepts); None: `loss.eta`. `adversarial`: this step's adversarial prompts (below).
+    `expert_counts`, `global_size`, `loss_scale`: multi-process runs of two-expert models (below)."""
 
     x_t: torch.Tensor
     t: torch.Tensor
@@ -141,6 +142,11 @@ class StepInputs:
     frames: int
     eta: float | torch.Tensor | None = None
     adversarial: AdversarialPrompts | None = None
+    # Wan2.2 A14B in a multi-process run: the global batch's samples per expert and its size, so that each expert's
+    # gradient is its global samples' mean whatever share of them this rank holds (experts_losses_backward)
+    expert_counts: dict[int, int] | None = None
+    global_size: int | None = None
+    loss_scale: float = 1.0  # multiplies every backward (not the returned terms)
 
     @property
     def nbytes(self) -> int:
@@ -185,7 +191,7 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
     """
     x_t, t, c, empty, c_pre = batch.x_t, batch.t, batch.c, batch.empty, batch.c_pre
     concept_tokens, extras, frames = batch.concept_tokens, batch.extras, batch.frames
-    eta, adversarial = batch.eta, batch.adversarial
+    eta, adversarial, scale = batch.eta, batch.adversarial, batch.loss_scale
     saving = activations if activations is not None else contextlib.nullcontext()
     # The original model θ: adapters off, no grad. The concept mask comes from its v(x_t, c) pass.
     anchored = loss_cfg.anchor == "preservation"  # v_neg starts from v(x_t, c_pre) instead of v(x_t, ∅)
@@ -230,14 +236,14 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
         with saving:
             v_erased = velocity(transformer, x_t, t, c, extras)
     unlearn = F.mse_loss(v_erased.float(), v_neg)
-    (unlearn + loss_cfg.alpha * loc).backward()
+    (scale * (unlearn + loss_cfg.alpha * loc)).backward()
     del v_erased
     adv = torch.zeros((), device=x_t.device)
     if soft is not None:  # a graph of its own, built after the first one is freed
         with saving:
             v_erased_adv = velocity(transformer, x_t, t, with_soft_prompt(c, soft), extras)
         adv = F.mse_loss(v_erased_adv.float(), v_neg_adv)
-        (loss_cfg.adversarial.weight * adv).backward()
+        (scale * loss_cfg.adversarial.weight * adv).backward()
         del v_erased_adv
     del v_neg, v_neg_adv
     pre = torch.zeros((), device=x_t.device)
@@ -245,7 +251,7 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
         with saving:
             v_erased_pre = velocity(transformer, x_t, t, c_pre, extras)
         pre = F.mse_loss(v_erased_pre.float(), v_pre)
-        (loss_cfg.beta * pre).backward()
+        (scale * loss_cfg.beta * pre).backward()
     unlearn, loc, pre, adv = unlearn.detach(), loc.detach(), pre.detach(), adv.detach()
     weight = loss_cfg.adversarial.weight
     return {"loss": unlearn + loss_cfg.alpha * loc + loss_cfg.beta * pre + weight * adv, "unlearn": unlearn,
@@ -279,13 +285,23 @@ def experts_losses_backward(pipe, sets, batch: StepInputs, loss_cfg, activations
     each on the mean loss of its own samples; the returned terms are averaged over the whole batch. A per-sample
     eta and the adversarial prompts are split with the batch."""
     experts, groups = pipeline_experts(pipe), expert_groups(pipe, batch.t)
+    size = batch.t.shape[0]
+
+    def share(k: int, local: int) -> float:
+        """Expert k's loss scale: 1 in one process; with several, (local / global samples of k) x world size,
+        so that the ranks' average is the mean over k's samples of the whole global batch."""
+        if batch.expert_counts is None:
+            return 1.0
+        return local / batch.expert_counts[k] * (batch.global_size / size)
+
     if len(groups) == 1:
         k = groups[0][0]
-        return eraser_losses_backward(experts[k], sets[k], batch, loss_cfg, activations=activations)
+        return eraser_losses_backward(experts[k], sets[k], replace(batch, loss_scale=share(k, size)), loss_cfg,
+                                      activations=activations)
     total: dict[str, torch.Tensor] = {}
-    adversarial, size = batch.adversarial, batch.t.shape[0]
+    adversarial = batch.adversarial
     for k, positions in groups:
-        part = batch.select(positions)
+        part = replace(batch.select(positions), loss_scale=share(k, len(positions)))
         terms = eraser_losses_backward(experts[k], sets[k], part, loss_cfg, activations=activations)
         if adversarial is not None:  # each expert's samples' vectors back in the batch's order
             if adversarial.learned is None:
@@ -441,6 +457,7 @@ def setup(config: TrainConfig, resume: bool, out: Path, signals, processes=distr
     checkpoint = None
     if resume:
         checkpoint, folder = runfolder.load_checkpoint(out)
+        processes.same_everywhere(folder.name, "the checkpoint to resume from")
         runfolder.check_resume(checkpoint.get("fingerprint"), run["fingerprint"], checkpoint["step"],
                                config.train.steps)
         _log_safe_changes(checkpoint.get("config"), run["config"])
@@ -455,8 +472,9 @@ def setup(config: TrainConfig, resume: bool, out: Path, signals, processes=distr
                         "batch with one" if config.sampling.mode == "trajectory" else "")
         logger.info("resuming from %s (step %d)", folder, checkpoint["step"])
     # a missing tracking package fails here, before any work; on resume it drops the events of the redone steps
-    tracker = make_tracker(config.report_to if processes.main else "none", out, config.to_dict(),
-                           start_step=checkpoint["step"] if checkpoint else 0)
+    with processes.main_first():
+        tracker = make_tracker(config.report_to if processes.main else "none", out, config.to_dict(),
+                               start_step=checkpoint["step"] if checkpoint else 0)
     try:
         return _build(config, resume, out, signals, processes, device, dtype, concepts_pairs, run, tracker,
                       checkpoint)
@@ -475,9 +493,6 @@ def _build(config, resume, out, signals, processes, device, dtype, concepts_pair
     pair_eta = None if len(entries) == 1 else torch.tensor(
         [entry.eta for entry, size in zip(entries, sizes) for _ in range(size)], dtype=torch.float32)
     concept_key = entries[0].concept if len(entries) == 1 else [entry.concept for entry in entries]
-    if processes.main:
-        atomic_write(out / "config.yaml",
-                     lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
     torch.manual_seed(loop.seed)
     phase = "text encoding"
     try:
@@ -486,6 +501,9 @@ def _build(config, resume, out, signals, processes, device, dtype, concepts_pair
         validation = config.validation
         validation_text = None
         with processes.main_first():  # rank 0 fills the cache, the others read it
+            if processes.main:
+                atomic_write(out / "config.yaml",
+                             lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
             text = _encode_concepts(config, entries, concepts_pairs, max_length, dtype, device, out / "cache")
             if validation.every > 0 and processes.main:  # encoded now: the text encoder is gone once training runs
                 validation_text = encode_validation_prompts(config.model, validation.prompts, max_length, dtype,
@@ -496,8 +514,10 @@ def _build(config, resume, out, signals, processes, device, dtype, concepts_pair
         # with its own erasers (one optimiser, one file: transformer_2's under its key prefix).
         phase = "loading the transformer"
         experts = runtime_of_folder(config.model).experts(config.model)
-        with processes.main_first():  # memory.int8_cache: rank 0 writes it, the others load it
-            transformers = [load_transformer(config, dtype, device, out / "cache", name) for name in experts]
+        # one rank after the other: rank 0 writes memory.int8_cache first, and each rank's host-RAM checks (pinned
+        # streamed blocks, activation pool) see what the ranks before it hold
+        transformers = processes.in_turn(
+            lambda: [load_transformer(config, dtype, device, out / "cache", name) for name in experts])
         sets = [attach_erasers(t, rank=config.eraser.rank, expert=name if len(experts) > 1 else None)
                 for t, name in zip(transformers, experts)]
         for eraser_set in sets:
@@ -606,13 +626,18 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     mine = processes.slice(len(index))
     attacking = adversarial.every > 0 and step % adversarial.every == 0
     if config.sampling.mode == "renoise" or attacking:
-        x_t, t = renoise(session.transformers[0], session.scheduler, session.x0[index], session.generator,
-                         config.sampling.num_inference_steps)
-        x_t, t = x_t[mine], t[mine]
+        x_t, t_global = renoise(session.transformers[0], session.scheduler, session.x0[index], session.generator,
+                                config.sampling.num_inference_steps)
+        x_t, t = x_t[mine], t_global[mine]
     else:
         x_t, t = trajectory(session.pipe, session.text.target[index], session.text.empty, config.video,
                             config.sampling, session.generator, device,
                             share=(mine.start, mine.stop) if processes.enabled else None)
+        t_global = t[:1].expand(len(index), *t.shape[1:])  # one timestep for the whole batch
+    expert_counts = None
+    if processes.enabled and len(session.transformers) > 1:  # Wan2.2 A14B: each expert's share of the global batch
+        expert_counts = {k: len(positions) for k, positions in expert_groups(session.pipe, t_global)}
+    global_size = len(index)
     index = index[mine]
     text = session.text
     c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
@@ -622,43 +647,42 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     batch = StepInputs(x_t.to(device, session.dtype), t.to(device), c, c_pre=c_pre,
                        empty=text.empty.expand_as(c).to(device), concept_tokens=text.concept_tokens[index],
                        extras=session.extras, frames=session.frames,
-                       eta=None if session.pair_eta is None else session.pair_eta[index], adversarial=attack)
+                       eta=None if session.pair_eta is None else session.pair_eta[index], adversarial=attack,
+                       expert_counts=expert_counts, global_size=global_size)
     return batch, index
 
 
-def train_step(session: Session, batch: StepInputs, index: torch.Tensor, step: int, meter: MemoryMeter,
-               record=None) -> tuple[dict, bool]:
-    """One optimiser step on `batch` (pairs `index`): the losses' passes, the gradients averaged over the ranks,
-    the NaN guard, the update and the adversarial vectors kept. `record(row)` runs with the update as one unit
-    (a stop signal waits for both: the loop writes the metrics row and a due checkpoint there). Returns the
-    metrics row and whether the run stops after this step: a failure on any rank stops every rank with that
-    rank's error; a stop signal on any rank of a multi-process run stops every rank after this same step."""
+def train_step(session: Session, step: int, meter: MemoryMeter, record=None) -> dict:
+    """One optimiser step: draws the step's batch (draw_batch), runs the losses' passes, averages the gradients
+    over the ranks, guards against NaN, updates and keeps the adversarial vectors. `record(row)` runs with the
+    update as one unit (a stop signal waits for both: the loop writes the metrics row and a due checkpoint there).
+    Returns the metrics row. An error in one rank's step stops every rank with that rank's error."""
     loop = session.config.train
     optimizer, erasers, sync = session.optimizer, session.erasers, session.sync
     lr = loop.lr * lr_factor(loop, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    error = None
-    losses = {}
+    error, losses, batch = None, {}, None
     with meter.step():
         try:
+            batch, index = draw_batch(session, step)
             losses = experts_losses_backward(session.pipe, session.sets, batch, session.config.loss,
                                              activations=session.activations)
-        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks have heard of it)
+        except Exception as exc:  # noqa: BLE001 (re-raised below, once the other ranks have heard of it)
             if not session.processes.enabled:
                 raise
             error = exc
             optimizer.zero_grad(set_to_none=True)
-    losses, failed, stopping = sync(losses, error is not None, session.signals.pending is not None)
+    losses, failed = sync(losses, error is not None, step)
     if failed:
-        message = sync.failure(error)
+        message = sync.failure(error, step)
         if error is not None:
             raise error
         raise TrainingError(f"step {step}: another process of the run failed ({message}); every process stops")
     learned = None
     if batch.adversarial is not None:  # every rank's vectors, in the global batch's order
-        learned = sync.gather(batch.adversarial.learned)
-        index = sync.gather(index.to(learned.device)).cpu()
+        learned = sync.gather(batch.adversarial.learned, step)
+        index = sync.gather(index.to(learned.device), step).cpu()
     loss = losses["loss"]
     grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
     skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
@@ -683,12 +707,12 @@ def train_step(session: Session, batch: StepInputs, index: torch.Tensor, step: i
         optimizer.zero_grad(set_to_none=True)
         if record is not None:
             record(row)
-    return row, stopping
+    return row
 
 
 def train_loop(session: Session) -> Path:
     """Steps from `session.start` to train.steps: metrics, checkpoints, validation (rank 0 writes), then the
-    final eraser. A stop signal saves a checkpoint to resume from."""
+    final eraser. A stop signal saves a checkpoint to resume from (rank 0; every rank stops at once)."""
     config, out, processes, signals = session.config, session.out, session.processes, session.signals
     loop, validation = config.train, config.validation
     metrics_path = out / "metrics.jsonl"
@@ -701,12 +725,9 @@ def train_loop(session: Session) -> Path:
     step_rng = session.generator.get_state()
     bar = tqdm(range(session.start, loop.steps), initial=session.start, total=loop.steps, desc="erasing",
                dynamic_ncols=True, disable=not processes.main)
-    # several processes: a signal only raises a flag, read at each step's sync, so that every rank stops after the
-    # same step (one process stops at once, inside the step)
-    polling = signals.polled() if processes.enabled else contextlib.nullcontext()
     try:
         meter = MemoryMeter(session.device)
-        with polling, (metrics_path.open("a") if processes.main else contextlib.nullcontext()) as metrics:
+        with metrics_path.open("a") if processes.main else contextlib.nullcontext() as metrics:
             for step in bar:
                 began = time.perf_counter()
                 step_rng = session.generator.get_state()  # an interrupted step is redone from here on --resume
@@ -722,13 +743,10 @@ def train_loop(session: Session) -> Path:
                     if done % loop.save_every == 0 and done < loop.steps:
                         session.checkpoint(done)
 
-                batch, index = draw_batch(session, step)
-                row, stopping = train_step(session, batch, index, step, meter, record)
+                row = train_step(session, step, meter, record)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", unlearn=f"{row['unlearn']:.4g}", loc=f"{row['loc']:.3g}",
                                 pre=f"{row['pre']:.3g}", s_step=f"{row['s_per_step']:.2f}",
                                 peak=f"{row['peak_mem_mib']:.0f}MiB")
-                if stopping:  # some rank saw a signal before this step's sync: every rank stops here
-                    raise runfolder.Stop(signals.pending or signal.SIGTERM)
                 if validation.every > 0 and processes.main and (done % validation.every == 0 or done == loop.steps):
                     _validate(session, done)
     except (runfolder.Stop, KeyboardInterrupt) as stop:
@@ -738,8 +756,9 @@ def train_loop(session: Session) -> Path:
         session.optimizer.zero_grad(set_to_none=True)
         with signals.deferred(swallow=True):  # a second signal during this save is ignored
             folder = session.checkpoint(done)
-            processes.barrier()  # the others wait for rank 0's checkpoint
-        where = f"checkpoint saved in {folder}" if processes.main else "rank 0 saved the checkpoint"
+        # no collective here: another rank may be waiting inside the step's all-reduce; it ends with a
+        # lost-contact error once this process is gone (under torchrun every rank gets the signal)
+        where = f"checkpoint saved in {folder}" if processes.main else "rank 0 saves the checkpoint"
         raise runfolder.TrainingInterrupted(
             f"interrupted at step {done} of {loop.steps}: {where}; the eraser is not finished; continue with "
             "--resume", signum) from None
@@ -756,7 +775,7 @@ def train_loop(session: Session) -> Path:
                         "alpha": loss_cfg.alpha, "beta": loss_cfg.beta, "steps": loop.steps,
                         "config": config.to_dict()}
             save_erasers(session.erasers, out, metadata=metadata)
-        processes.barrier()  # every rank returns once the eraser is on disk
+        processes.barrier("the final save")  # every rank returns once the eraser is on disk
     if processes.main and metrics_path.stat().st_size:
         plot_losses(metrics_path, out / "loss.png")
         session.tracker.log_media("loss", out / "loss.png", loop.steps)
