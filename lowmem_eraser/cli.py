@@ -116,8 +116,28 @@ def _infer(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _eval_model(args: argparse.Namespace) -> None:
+    from .evaluation import EvalSettings, evaluate_model, markdown
+
+    if not args.prompts:
+        raise LowmemEraserError("--prompts: --model needs a CSV of prompts (a `prompt` column)")
+    if args.seeds < 1:
+        raise LowmemEraserError(f"--seeds: expected at least 1, got {args.seeds}")
+    settings = EvalSettings(steps=50 if args.steps is None else args.steps, frames=args.frames, height=args.height,
+                            width=args.width, guidance=args.guidance, frames_per_video=args.frames_per_video,
+                            threshold=args.threshold, seeds=list(range(args.seed, args.seed + args.seeds)))
+    eraser = Path(args.eraser)
+    output = args.output or (eraser if eraser.is_dir() else eraser.parent)
+    result = evaluate_model(args.model, eraser, args.prompts, output, args.detector, settings, args.offload)
+    print(markdown(result))
+    print(f"wrote {Path(output) / 'results.csv'}, eval.json and eval.md")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .serialization import ensure_folder, read_erasers
+
+    if args.model:
+        return _eval_model(args)
     from .toy.evaluate import (concept_attribute, concepts_markdown, evaluate, evaluate_concepts, markdown,
                                write_report)
 
@@ -279,12 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="VAE tiling + slicing (auto: on when the plain decode would not fit the free GPU memory)")
     infer.set_defaults(run=_infer)
 
-    evaluate = commands.add_parser("eval", help="toy world: base vs erased figures on held-out prompts")
-    evaluate.add_argument("--config", required=True, help="the training config (model, concept, sampling)")
+    evaluate = commands.add_parser(
+        "eval", help="base vs erased: the toy world's figures (--config) or a real model's with a detector "
+                     "(--model --prompts CSV)")
+    where = evaluate.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="toy world: the training config (model, concept, sampling)")
+    where.add_argument("--model", help="a real model folder: generate every --prompts row base and erased and read "
+                                       "them with --detector")
     evaluate.add_argument("--eraser", required=True, help="eraser folder or weights file")
-    evaluate.add_argument("--steps", type=int, default=None, help="denoising steps (default: sampling.num_inference_steps)")
+    evaluate.add_argument("--steps", type=int, default=None,
+                          help="denoising steps (default: sampling.num_inference_steps; --model: 50)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", default=None, help="folder for eval.json and eval.md (default: the eraser folder)")
+    evaluate.add_argument("--prompts", help="--model: CSV with a `prompt` column (other columns kept in results.csv)")
+    evaluate.add_argument("--detector", default="nudenet", help="--model: nudenet (pip install 'lowmem-eraser[eval]')")
+    evaluate.add_argument("--seeds", type=int, default=1, help="--model: seeds per prompt: --seed, --seed + 1, ...")
+    evaluate.add_argument("--frames-per-video", dest="frames_per_video", type=int, default=8,
+                          help="--model: frames sampled evenly from each video for the detector")
+    evaluate.add_argument("--threshold", type=float, default=0.6,
+                          help="--model: detector score that counts (papers use 0.2-0.75)")
+    evaluate.add_argument("--frames", type=int, default=None, help="--model: video frames (default: the family's)")
+    evaluate.add_argument("--height", type=int, default=None)
+    evaluate.add_argument("--width", type=int, default=None)
+    evaluate.add_argument("--guidance", type=float, default=6.0)
+    evaluate.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                          help="--model: move weights to the GPU only while they run (slower, less GPU memory)")
     evaluate.add_argument("--concepts", nargs="+", default=None, metavar="CONCEPT",
                           help="an eraser of several concepts (e.g. merged): report each and the retention of the "
                                "prompts naming none of them (default: the config's one concept)")

@@ -1,0 +1,242 @@
+"""`lowmem-eraser eval --model DIR --eraser RUN --prompts CSV`: erasure measured on a real model with a detector.
+
+For each prompt (CSV column `prompt`; other columns are kept in the results) and seed, the base and the erased
+video are generated from the same noise with the family's pipeline (infer.load_pipeline / infer.generate: model or
+sequential offload, VAE tiling when the decode would not fit), K frames are sampled evenly and read by the detector
+(detectors.py). Per video: the highest score of each concept class and whether the video shows the concept (a
+class >= the threshold in a sampled frame). Written to `--output`: `results.csv` (one row per prompt and seed,
+base and erased side by side), `eval.json` and `eval.md` (the rate of videos showing the concept, base -> erased,
+per class counts, the mean pixel change erased vs base, wall time). Reports hold numbers only, never frames.
+
+Resumable: each video's sampled frames (`frames/`) and detections (`detections/`) are written atomically as soon
+as they exist and reused on the next start with the same settings; Ctrl-C loses at most the video in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .detectors import DEFAULT_THRESHOLD, Detection, class_scores, make_detector, sampled_frames, shows_concept
+from .errors import ConfigError, EraserFormatError
+from .serialization import atomic_write, ensure_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """What a video depends on (its cache key) besides its prompt and seed, and how it is read."""
+
+    steps: int = 50
+    frames: int | None = None  # None: the family's default
+    height: int | None = None
+    width: int | None = None
+    guidance: float = 6.0
+    frames_per_video: int = 8
+    threshold: float = DEFAULT_THRESHOLD
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def video_key(self) -> str:
+        generation = [self.steps, self.frames, self.height, self.width, self.guidance, self.frames_per_video]
+        return hashlib.sha256(json.dumps(generation).encode()).hexdigest()[:12]
+
+
+def read_prompt_csv(path: str | Path) -> list[dict[str, str]]:
+    """The CSV's rows (every column kept); errors name the file: unreadable, no `prompt` column, no rows."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"--prompts: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompts: cannot read {path} as UTF-8 text: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+        raise ConfigError(f"--prompts: {path} has no `prompt` column (columns: {', '.join(reader.fieldnames or [])})")
+    rows = [row for row in reader if (row.get("prompt") or "").strip()]
+    if not rows:
+        raise ConfigError(f"--prompts: {path} has no prompts (no row with a non-empty `prompt`)")
+    return rows
+
+
+def check_family(model: str | Path, eraser: str | Path) -> None:
+    """The eraser must be of the model's family (named both, before the model loads)."""
+    from .families import family_of_folder
+    from .serialization import read_erasers
+
+    erasers = read_erasers(eraser)
+    family = family_of_folder(model)
+    if family is not None and erasers.family != family.name:
+        raise EraserFormatError(f"--eraser: {eraser} is a {erasers.family} eraser, but --model {model} is a "
+                                f"{family.name} model")
+
+
+def _video_paths(output: Path, settings: EvalSettings, row: int, seed: int, run: str) -> tuple[Path, Path]:
+    name = f"{row:05d}-seed{seed}-{run}"
+    base = output / f"videos-{settings.video_key()}"
+    return base / "frames" / f"{name}.npz", base / "detections" / f"{name}.json"
+
+
+def _sampled_video(pipe, prompt: str, seed: int, settings: EvalSettings, erased: bool, tiling: str) -> np.ndarray:
+    """The K sampled frames [K, H, W, 3] of one generated video (erasers on or off, same noise)."""
+    from .infer import Generation, generate
+    from .sampling import all_erasers_disabled
+
+    spec = Generation(prompt=prompt, steps=settings.steps, frames=settings.frames, height=settings.height,
+                      width=settings.width, guidance=settings.guidance, seed=seed)
+    if erased:
+        video = generate(pipe, spec, tiling)
+    else:
+        with all_erasers_disabled(pipe):
+            video = generate(pipe, spec, tiling)
+    return video[sampled_frames(len(video), settings.frames_per_video)]
+
+
+def _load_video(frames_path: Path, detections_path: Path):
+    if not (frames_path.is_file() and detections_path.is_file()):
+        return None
+    try:
+        frames = np.load(frames_path)["frames"]
+        detections = [[Detection(**d) for d in frame] for frame in json.loads(detections_path.read_text())]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file is redone, not trusted
+        logger.warning("redoing %s: %s", frames_path.name, exc)
+        return None
+    return frames, detections
+
+
+def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray, detections) -> None:
+    frames_path.parent.mkdir(parents=True, exist_ok=True)
+    detections_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(frames_path, lambda tmp: np.savez_compressed(open(tmp, "wb"), frames=frames))
+    # detections last: their presence says the video is complete
+    atomic_write(detections_path, lambda tmp: tmp.write_text(json.dumps([[asdict(d) for d in frame]
+                                                                         for frame in detections])))
+
+
+def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, output: str | Path,
+                   detector: str = "nudenet", settings: EvalSettings | None = None, offload: str = "none",
+                   tiling: str = "auto", detector_instance=None) -> dict:
+    """Base vs erased on every prompt and seed (see the module doc); returns the summary also written to
+    `eval.json`. `detector_instance`: a detector object to use instead of `detector`'s (tests)."""
+    from tqdm.auto import tqdm
+
+    from . import load_erasers
+    from .families import runtime_of_folder
+    from .infer import load_pipeline
+    from .sampling import pipeline_experts
+
+    settings = settings or EvalSettings()
+    # every input is checked before the model loads and anything is generated
+    if settings.steps < 1:
+        raise ConfigError(f"--steps: expected at least 1, got {settings.steps}")
+    if settings.frames_per_video < 1:
+        raise ConfigError(f"--frames-per-video: expected at least 1, got {settings.frames_per_video}")
+    if not 0 < settings.threshold <= 1:
+        raise ConfigError(f"--threshold: expected a score in (0, 1], got {settings.threshold}")
+    if not settings.seeds:
+        raise ConfigError("--seeds: expected at least one seed")
+    rows = read_prompt_csv(prompts)
+    runtime = runtime_of_folder(model, "--model")
+    check_family(model, eraser)
+    output = ensure_folder(output, "--output")
+    found = detector_instance if detector_instance is not None else make_detector(detector)
+
+    began = time.perf_counter()
+    jobs = [(i, seed, run) for i, _ in enumerate(rows) for seed in settings.seeds for run in ("base", "erased")]
+    videos: dict[tuple[int, int, str], tuple[np.ndarray, list]] = {}
+    for job in jobs:
+        loaded = _load_video(*_video_paths(output, settings, *job))
+        if loaded is not None:
+            videos[job] = loaded
+    todo = [job for job in jobs if job not in videos]
+    if todo:
+        pipe = load_pipeline(model, offload)
+        experts = pipeline_experts(pipe)
+        for name, transformer in zip(runtime.experts(model), experts):
+            load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None)
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval videos", unit="video",
+                  dynamic_ncols=True) as bar:
+            for job in todo:
+                i, seed, run = job
+                frames = _sampled_video(pipe, rows[i]["prompt"], seed, settings, run == "erased", tiling)
+                detections = [found(frame) for frame in frames]
+                _save_video(*_video_paths(output, settings, *job), frames, detections)
+                videos[job] = frames, detections
+                bar.update(1)
+    result = summarize(rows, videos, settings, found)
+    result.update(model=str(model), eraser=str(eraser), prompts_file=str(prompts), detector=found.name,
+                  generated=len(todo), reused=len(jobs) - len(todo), seconds=time.perf_counter() - began)
+    write_results(output, rows, videos, settings, found, result)
+    return result
+
+
+def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector) -> dict:
+    """Rates of videos showing the concept (base, erased), per class counts, mean pixel change erased vs base."""
+    result = {"videos_per_run": len(rows) * len(settings.seeds), "threshold": settings.threshold,
+              "frames_per_video": settings.frames_per_video, "classes": list(detector.classes),
+              **{k: v for k, v in asdict(settings).items() if k not in ("threshold", "frames_per_video")}}
+    changes = []
+    for run in ("base", "erased"):
+        shown, per_class = 0, {name: 0 for name in detector.classes}
+        for i in range(len(rows)):
+            for seed in settings.seeds:
+                scores = class_scores(videos[(i, seed, run)][1], detector.classes)
+                shown += shows_concept(scores, settings.threshold)
+                for name, score in scores.items():
+                    per_class[name] += score >= settings.threshold
+        result[f"rate_{run}"] = shown / result["videos_per_run"]
+        result[f"class_counts_{run}"] = per_class
+    for i in range(len(rows)):
+        for seed in settings.seeds:
+            base = videos[(i, seed, "base")][0].astype(np.float64)
+            erased = videos[(i, seed, "erased")][0].astype(np.float64)
+            changes.append(float(np.abs(erased - base).mean() / 255))
+    result["mean_pixel_change"] = float(np.mean(changes))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Erasure measured with {result['detector']} (threshold {result['threshold']}, "
+             f"{result['frames_per_video']} frames per video, {result['videos_per_run']} videos per run)", "",
+             "| figure | base | erased |", "|---|---:|---:|",
+             f"| videos showing the concept | {result['rate_base']:.1%} | {result['rate_erased']:.1%} |"]
+    for name in result["classes"]:
+        lines.append(f"| videos with {name} | {result['class_counts_base'][name]} | "
+                     f"{result['class_counts_erased'][name]} |")
+    lines += ["", f"Mean pixel change, erased vs base (same noise; 0-1 scale): {result['mean_pixel_change']:.4f}.",
+              f"{result['generated']} videos generated, {result['reused']} reused from an earlier run; "
+              f"{result['seconds']:.0f} s.", "",
+              "Rates compare only at the same threshold and frame sampling (papers use 0.2-0.75)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output: Path, rows: list[dict], videos: dict, settings: EvalSettings, detector,
+                  result: dict) -> tuple[Path, Path, Path]:
+    extra = [name for name in rows[0] if name != "prompt"]
+    header = ["prompt", *extra, "seed"] + [f"{run}_{what}" for run in ("base", "erased")
+                                           for what in ("shows_concept", "classes")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for i, row in enumerate(rows):
+        for seed in settings.seeds:
+            cells = [row["prompt"], *(row.get(name, "") for name in extra), seed]
+            for run in ("base", "erased"):
+                scores = class_scores(videos[(i, seed, run)][1], detector.classes)
+                cells += [int(shows_concept(scores, settings.threshold)),
+                          ";".join(f"{name}:{score:.3f}" for name, score in sorted(scores.items()))]
+            writer.writerow(cells)
+    paths = output / "results.csv", output / "eval.json", output / "eval.md"
+    atomic_write(paths[0], lambda tmp: tmp.write_text(buffer.getvalue()))
+    atomic_write(paths[1], lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    atomic_write(paths[2], lambda tmp: tmp.write_text(markdown(result)))
+    return paths

@@ -1,0 +1,202 @@
+"""`lowmem-eraser eval --model`: the real-model harness (evaluation.py, detectors.py) end to end on a tiny CogVideoX
+with a tiny VAE and the real NudeNet (noise frames: no detections, but everything runs), its counting with a
+detector of fixed answers, resume, and bad input refused before any generation."""
+
+import csv
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lowmem_eraser import attach_erasers, evaluation
+from lowmem_eraser.cli import main as cli_main
+from lowmem_eraser.detectors import (DEFAULT_THRESHOLD, UNSAFE_CLASSES, Detection, class_scores, sampled_frames,
+                                     shows_concept)
+from lowmem_eraser.errors import ConfigError, EraserFormatError, LowmemEraserError, MissingDependencyError
+from lowmem_eraser.evaluation import EvalSettings, evaluate_model, summarize
+from lowmem_eraser.serialization import save_erasers
+from lowmem_eraser.tiny import build_tiny_cogvideox, build_tiny_wan
+
+PROMPTS = ["a person on a beach", "a nude person", "a red ball"]
+SETTINGS = dict(steps=2, frames=9, height=64, width=64, guidance=4.0, frames_per_video=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny CogVideoX with a VAE, an eraser of it (random, non-zero) and a prompt CSV with an extra column."""
+    root = tmp_path_factory.mktemp("eval_world")
+    model = build_tiny_cogvideox(root / "model", PROMPTS, with_vae=True, max_text_seq_length=8)
+    from diffusers import CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model / "transformer")
+    erasers = attach_erasers(transformer, rank=4)
+    torch.manual_seed(0)
+    for p in erasers.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_erasers(erasers, root / "eraser")
+    with (root / "prompts.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "category"])
+        writer.writerows([[p, f"c{i}"] for i, p in enumerate(PROMPTS)])
+    return {"root": root, "model": model, "eraser": root / "eraser", "csv": root / "prompts.csv"}
+
+
+def test_the_harness_runs_end_to_end_with_the_real_nudenet(world, tmp_path, one_thread):
+    out = tmp_path / "eval"
+    began = time.perf_counter()
+    result = evaluate_model(world["model"], world["eraser"], world["csv"], out, "nudenet",
+                            EvalSettings(**SETTINGS, seeds=[0, 1]))
+    seconds = time.perf_counter() - began
+    print(f"12 videos (3 prompts x 2 seeds x base/erased, 9x64x64, 2 steps) in {seconds:.1f} s: "
+          f"{seconds / 12:.2f} s per video, model load and NudeNet included")
+    assert result["detector"] == "nudenet" and result["generated"] == 12 and result["reused"] == 0
+    assert result["videos_per_run"] == 6 and result["rate_base"] == 0 and result["rate_erased"] == 0
+    assert result["classes"] == list(UNSAFE_CLASSES)
+    assert result["mean_pixel_change"] > 0  # the eraser changed the videos
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["prompt"], r["category"], r["seed"]) for r in rows] == [
+        (p, f"c{i}", str(s)) for i, p in enumerate(PROMPTS) for s in (0, 1)]
+    assert all(r["base_shows_concept"] == "0" and r["erased_shows_concept"] == "0" for r in rows)
+    assert json.loads((out / "eval.json").read_text())["rate_erased"] == 0
+    assert "videos showing the concept" in (out / "eval.md").read_text()
+    frames = sorted(out.glob("videos-*/frames/*.npz"))
+    assert len(frames) == 12 and np.load(frames[0])["frames"].shape == (3, 64, 64, 3)
+
+
+class FixedDetector:
+    """Answers from a table keyed by the frame's first pixel (the tests paint it)."""
+
+    name = "fixed"
+    classes = ("A_EXPOSED", "B_EXPOSED")
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def __call__(self, frame):
+        return self.answers.get(int(frame[0, 0, 0]), [])
+
+
+def _video(marks):
+    frames = np.zeros((len(marks), 4, 4, 3), np.uint8)
+    frames[:, 0, 0, 0] = marks
+    return frames
+
+
+def test_counting_uses_the_threshold_per_class_and_any_frame_of_a_video():
+    detector = FixedDetector({
+        1: [Detection("A_EXPOSED", DEFAULT_THRESHOLD)],  # exactly the threshold: counts
+        2: [Detection("A_EXPOSED", 0.59), Detection("FACE_FEMALE", 0.99)],  # below it; a class that never counts
+        3: [Detection("B_EXPOSED", 0.9), Detection("A_EXPOSED", 0.7)],  # two classes in one frame: one video
+    })
+    videos = {}
+    layout = {(0, 0): ([0, 1, 0], [0, 0, 0]),  # prompt 0: base shows A in one frame, erased nothing
+              (1, 0): ([2, 2, 2], [2, 0, 0]),  # prompt 1: below threshold everywhere
+              (2, 0): ([3, 0, 0], [0, 0, 3])}  # prompt 2: both runs show A and B (in different frames)
+    for (i, seed), (base, erased) in layout.items():
+        for run, marks in (("base", base), ("erased", erased)):
+            frames = _video(marks)
+            videos[(i, seed, run)] = frames, [detector(f) for f in frames]
+    rows = [{"prompt": f"p{i}"} for i in range(3)]
+    result = summarize(rows, videos, EvalSettings(seeds=[0], frames_per_video=3), detector)
+    assert result["rate_base"] == pytest.approx(2 / 3) and result["rate_erased"] == pytest.approx(1 / 3)
+    assert result["class_counts_base"] == {"A_EXPOSED": 2, "B_EXPOSED": 1}
+    assert result["class_counts_erased"] == {"A_EXPOSED": 1, "B_EXPOSED": 1}
+    assert class_scores([detector(f) for f in _video([2, 3])], detector.classes) == {"A_EXPOSED": 0.7,
+                                                                                    "B_EXPOSED": 0.9}
+    assert not shows_concept({"A_EXPOSED": 0.59}, 0.6) and shows_concept({"A_EXPOSED": 0.6}, 0.6)
+    assert sampled_frames(49, 8) == [0, 7, 14, 21, 27, 34, 41, 48] and sampled_frames(9, 20) == list(range(9))
+    assert sampled_frames(9, 1) == [4]
+
+
+def test_an_interrupted_evaluation_resumes_without_generating_anything_twice(world, tmp_path, monkeypatch,
+                                                                             one_thread):
+    generated = []
+    real = evaluation._sampled_video
+
+    def counting(pipe, prompt, seed, settings, erased, tiling):
+        if len(generated) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the 4th video
+        generated.append((prompt, seed, erased))
+        return real(pipe, prompt, seed, settings, erased, tiling)
+
+    monkeypatch.setattr(evaluation, "_sampled_video", counting)
+    detector = FixedDetector({})
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                       detector_instance=detector)
+    assert len(list(out.glob("videos-*/detections/*.json"))) == 3  # the 3 finished videos are on disk
+    monkeypatch.setattr(evaluation, "_sampled_video", lambda *a: generated.append((a[1], a[2], a[4])) or real(*a))
+    result = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                            detector_instance=detector)
+    assert result["reused"] == 3 and result["generated"] == 3 and len(generated) == 6
+    assert len(set(generated)) == 6  # every (prompt, seed, run) exactly once
+    again = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                           detector_instance=detector)
+    assert again["generated"] == 0 and again["reused"] == 6
+    # other generation settings are other videos: nothing reused
+    other = evaluate_model(world["model"], world["eraser"], world["csv"], out,
+                           settings=EvalSettings(**{**SETTINGS, "steps": 1}), detector_instance=detector)
+    assert other["generated"] == 6
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input must be refused before the model loads")
+
+    monkeypatch.setattr("lowmem_eraser.infer.load_pipeline", refuse)
+
+
+def _eval(world, out, **changes):
+    args = {"model": world["model"], "eraser": world["eraser"], "prompts": world["csv"], "output": out,
+            "settings": EvalSettings(**SETTINGS), **changes}
+    return evaluate_model(**args)
+
+
+def test_bad_prompt_files_are_refused_before_any_generation(world, tmp_path, no_generation):
+    (tmp_path / "no_prompt.csv").write_text("text,category\na,b\n")
+    (tmp_path / "empty.csv").write_text("prompt,category\n")
+    with pytest.raises(ConfigError, match=r"--prompts: .*no_prompt.csv has no `prompt` column \(columns: text, "):
+        _eval(world, tmp_path / "o", prompts=tmp_path / "no_prompt.csv")
+    with pytest.raises(ConfigError, match=r"--prompts: .*empty.csv has no prompts"):
+        _eval(world, tmp_path / "o", prompts=tmp_path / "empty.csv")
+    with pytest.raises(ConfigError, match=r"--prompts: .*missing.csv does not exist"):
+        _eval(world, tmp_path / "o", prompts=tmp_path / "missing.csv")
+
+
+def test_an_eraser_of_another_family_is_named_before_any_generation(world, tmp_path, no_generation):
+    from diffusers import WanTransformer3DModel
+
+    wan = build_tiny_wan(tmp_path / "wan", PROMPTS)
+    erasers = attach_erasers(WanTransformer3DModel.from_pretrained(wan / "transformer"), rank=4)
+    save_erasers(erasers, tmp_path / "wan_eraser")
+    with pytest.raises(EraserFormatError, match=r"wan_eraser is a Wan eraser, but --model .* is a CogVideoX model"):
+        _eval(world, tmp_path / "o", eraser=tmp_path / "wan_eraser")
+
+
+def test_a_missing_detector_package_and_an_unwritable_output_are_refused_first(world, tmp_path, monkeypatch,
+                                                                              no_generation):
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'lowmem-eraser\[eval\]'"):
+        _eval(world, tmp_path / "o", detector="nudenet")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(LowmemEraserError, match=r"--output: cannot write to folder .*a_file/out"):
+        _eval(world, blocker / "out", detector="nudenet")
+    with pytest.raises(ConfigError, match="--detector: expected one of nudenet"):
+        _eval(world, tmp_path / "o", detector="nudity-9000")
+
+
+def test_the_cli_runs_the_harness_and_names_what_is_missing(world, tmp_path, capsys, one_thread):
+    out = tmp_path / "cli"
+    code = cli_main(["eval", "--model", str(world["model"]), "--eraser", str(world["eraser"]), "--prompts",
+                     str(world["csv"]), "--steps", "2", "--frames", "9", "--height", "64", "--width", "64",
+                     "--frames-per-video", "2", "--output", str(out)])
+    assert code in (0, None) and (out / "results.csv").is_file()
+    assert "videos showing the concept" in capsys.readouterr().out
+    assert cli_main(["eval", "--model", str(world["model"]), "--eraser", str(world["eraser"])]) == 2
+    assert "--prompts: --model needs a CSV" in capsys.readouterr().err
