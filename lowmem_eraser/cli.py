@@ -128,7 +128,8 @@ def _eval_model(args: argparse.Namespace) -> None:
                             threshold=args.threshold, seeds=list(range(args.seed, args.seed + args.seeds)))
     eraser = Path(args.eraser)
     output = args.output or (eraser if eraser.is_dir() else eraser.parent)
-    result = evaluate_model(args.model, eraser, args.prompts, output, args.detector, settings, args.offload)
+    result = evaluate_model(args.model, eraser, args.prompts, output, args.detector, settings, args.offload,
+                            clip=args.clip)
     print(markdown(result))
     print(f"wrote {Path(output) / 'results.csv'}, eval.json and eval.md")
 
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--guidance", type=float, default=6.0)
     evaluate.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                           help="--model: move weights to the GPU only while they run (slower, less GPU memory)")
+    evaluate.add_argument("--clip", default=None, help="--model: a local CLIP folder: adds each video's CLIP score "
+                                                       "to its prompt, base and erased")
     evaluate.add_argument("--concepts", nargs="+", default=None, metavar="CONCEPT",
                           help="an eraser of several concepts (e.g. merged): report each and the retention of the "
                                "prompts naming none of them (default: the config's one concept)")

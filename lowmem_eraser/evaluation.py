@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .detectors import DEFAULT_THRESHOLD, Detection, class_scores, make_detector, sampled_frames, shows_concept
-from .errors import ConfigError, EraserFormatError
+from .errors import ConfigError, EraserFormatError, ModelFileError
 from .serialization import atomic_write, ensure_folder
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,43 @@ def check_family(model: str | Path, eraser: str | Path) -> None:
                                 f"{family.name} model")
 
 
+class ClipScore:
+    """CLIP score of frames to their prompt (100 x cosine of the image and text embeddings, floored at 0, the
+    frames' mean), with a CLIP model from a local folder (`--clip DIR`: CLIPModel weights, its tokenizer and image
+    processor; loaded with transformers, never downloaded)."""
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"--clip: {folder} is not a folder (a local CLIP model: config.json, weights, "
+                              "tokenizer and preprocessor files)")
+        try:
+            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.images = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFileError(f"--clip: cannot load a CLIP model from {folder}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def __call__(self, frames: np.ndarray, prompt: str) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        text = self.tokenizer([prompt], padding=True, truncation=True, return_tensors="pt")
+        pixels = self.images(images=list(frames), return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            text_features = self.model.get_text_features(input_ids=text["input_ids"],
+                                                         attention_mask=text["attention_mask"])
+            image_features = self.model.get_image_features(pixel_values=pixels)
+        # transformers 5 returns outputs whose pooler_output holds the projected features; 4.x the tensor itself
+        text_features, image_features = (f if torch.is_tensor(f) else f.pooler_output
+                                         for f in (text_features, image_features))
+        cosine = F.cosine_similarity(image_features, text_features.expand_as(image_features), dim=-1)
+        return float((100 * cosine).clamp_min(0).mean())
+
+
 def _video_paths(output: Path, settings: EvalSettings, row: int, seed: int, run: str) -> tuple[Path, Path]:
     name = f"{row:05d}-seed{seed}-{run}"
     base = output / f"videos-{settings.video_key()}"
@@ -124,9 +161,10 @@ def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray, de
 
 def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, output: str | Path,
                    detector: str = "nudenet", settings: EvalSettings | None = None, offload: str = "none",
-                   tiling: str = "auto", detector_instance=None) -> dict:
+                   tiling: str = "auto", detector_instance=None, clip: str | Path | None = None) -> dict:
     """Base vs erased on every prompt and seed (see the module doc); returns the summary also written to
-    `eval.json`. `detector_instance`: a detector object to use instead of `detector`'s (tests)."""
+    `eval.json`. `detector_instance`: a detector object to use instead of `detector`'s (tests). `clip`: a local
+    CLIP folder: every video's CLIP score to its prompt, base and erased (from the sampled frames)."""
     from tqdm.auto import tqdm
 
     from . import load_erasers
@@ -149,6 +187,7 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
     check_family(model, eraser)
     output = ensure_folder(output, "--output")
     found = detector_instance if detector_instance is not None else make_detector(detector)
+    scorer = ClipScore(clip) if clip is not None else None
 
     began = time.perf_counter()
     jobs = [(i, seed, run) for i, _ in enumerate(rows) for seed in settings.seeds for run in ("base", "erased")]
@@ -172,15 +211,20 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
                 _save_video(*_video_paths(output, settings, *job), frames, detections)
                 videos[job] = frames, detections
                 bar.update(1)
-    result = summarize(rows, videos, settings, found)
+    clip_scores = None
+    if scorer is not None:  # from the frames on disk: cheap next to generation, so not cached
+        clip_scores = {job: scorer(videos[job][0], rows[job[0]]["prompt"]) for job in jobs}
+    result = summarize(rows, videos, settings, found, clip_scores)
     result.update(model=str(model), eraser=str(eraser), prompts_file=str(prompts), detector=found.name,
                   generated=len(todo), reused=len(jobs) - len(todo), seconds=time.perf_counter() - began)
-    write_results(output, rows, videos, settings, found, result)
+    write_results(output, rows, videos, settings, found, result, clip_scores)
     return result
 
 
-def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector) -> dict:
-    """Rates of videos showing the concept (base, erased), per class counts, mean pixel change erased vs base."""
+def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector, clip_scores: dict | None = None
+              ) -> dict:
+    """Rates of videos showing the concept (base, erased), per class counts, mean pixel change erased vs base,
+    and with `clip_scores` ({(row, seed, run): score}) the mean CLIP score of each run."""
     result = {"videos_per_run": len(rows) * len(settings.seeds), "threshold": settings.threshold,
               "frames_per_video": settings.frames_per_video, "classes": list(detector.classes),
               **{k: v for k, v in asdict(settings).items() if k not in ("threshold", "frames_per_video")}}
@@ -201,6 +245,9 @@ def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector) 
             erased = videos[(i, seed, "erased")][0].astype(np.float64)
             changes.append(float(np.abs(erased - base).mean() / 255))
     result["mean_pixel_change"] = float(np.mean(changes))
+    if clip_scores is not None:
+        for run in ("base", "erased"):
+            result[f"clip_{run}"] = float(np.mean([v for (_, _, r), v in clip_scores.items() if r == run]))
     return result
 
 
@@ -212,6 +259,8 @@ def markdown(result: dict) -> str:
     for name in result["classes"]:
         lines.append(f"| videos with {name} | {result['class_counts_base'][name]} | "
                      f"{result['class_counts_erased'][name]} |")
+    if "clip_base" in result:
+        lines.append(f"| CLIP score to the prompt (mean) | {result['clip_base']:.2f} | {result['clip_erased']:.2f} |")
     lines += ["", f"Mean pixel change, erased vs base (same noise; 0-1 scale): {result['mean_pixel_change']:.4f}.",
               f"{result['generated']} videos generated, {result['reused']} reused from an earlier run; "
               f"{result['seconds']:.0f} s.", "",
@@ -220,10 +269,10 @@ def markdown(result: dict) -> str:
 
 
 def write_results(output: Path, rows: list[dict], videos: dict, settings: EvalSettings, detector,
-                  result: dict) -> tuple[Path, Path, Path]:
+                  result: dict, clip_scores: dict | None = None) -> tuple[Path, Path, Path]:
     extra = [name for name in rows[0] if name != "prompt"]
-    header = ["prompt", *extra, "seed"] + [f"{run}_{what}" for run in ("base", "erased")
-                                           for what in ("shows_concept", "classes")]
+    measured = ("shows_concept", "classes") + (("clip",) if clip_scores is not None else ())
+    header = ["prompt", *extra, "seed"] + [f"{run}_{what}" for run in ("base", "erased") for what in measured]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -234,6 +283,8 @@ def write_results(output: Path, rows: list[dict], videos: dict, settings: EvalSe
                 scores = class_scores(videos[(i, seed, run)][1], detector.classes)
                 cells += [int(shows_concept(scores, settings.threshold)),
                           ";".join(f"{name}:{score:.3f}" for name, score in sorted(scores.items()))]
+                if clip_scores is not None:
+                    cells.append(f"{clip_scores[(i, seed, run)]:.3f}")
             writer.writerow(cells)
     paths = output / "results.csv", output / "eval.json", output / "eval.md"
     atomic_write(paths[0], lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -216,3 +216,25 @@ def build_tiny_hunyuan(folder: str | Path, texts: list[str], seed: int = 0, with
             up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
             norm_num_groups=2).save_pretrained(folder / "vae")
     return folder
+
+
+def build_tiny_clip(folder: str | Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny CLIP folder (model, word-level tokenizer over the words of `texts`, image processor at 32x32) that
+    `eval --clip` loads as it loads a real one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer(words_of(texts), 16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0,
+                         eos_token_id=1),  # the tokenizer's </s>: where CLIP pools the text
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ from lowmem_eraser.detectors import (DEFAULT_THRESHOLD, UNSAFE_CLASSES, Detectio
 from lowmem_eraser.errors import ConfigError, EraserFormatError, LowmemEraserError, MissingDependencyError
 from lowmem_eraser.evaluation import EvalSettings, evaluate_model, summarize
 from lowmem_eraser.serialization import save_erasers
-from lowmem_eraser.tiny import build_tiny_cogvideox, build_tiny_wan
+from lowmem_eraser.tiny import build_tiny_clip, build_tiny_cogvideox, build_tiny_wan
 
 PROMPTS = ["a person on a beach", "a nude person", "a red ball"]
 SETTINGS = dict(steps=2, frames=9, height=64, width=64, guidance=4.0, frames_per_video=3)
@@ -200,3 +200,31 @@ def test_the_cli_runs_the_harness_and_names_what_is_missing(world, tmp_path, cap
     assert "videos showing the concept" in capsys.readouterr().out
     assert cli_main(["eval", "--model", str(world["model"]), "--eraser", str(world["eraser"])]) == 2
     assert "--prompts: --model needs a CSV" in capsys.readouterr().err
+
+
+def test_clip_scores_each_video_against_its_prompt(world, tmp_path, one_thread):
+    """--clip: a tiny CLIP folder loaded as a real one; the harness's score of a video = 100 x cosine of its
+    frames' and its prompt's embeddings, floored at 0, the frames' mean (recomputed here in fp64)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    clip = build_tiny_clip(tmp_path / "clip", PROMPTS)
+    out = tmp_path / "eval"
+    result = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                            detector_instance=FixedDetector({}), clip=clip)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert 0 <= result["clip_base"] <= 100 and 0 <= result["clip_erased"] <= 100
+    model = CLIPModel.from_pretrained(clip).double().eval()
+    tokenizer, images = AutoTokenizer.from_pretrained(clip), AutoImageProcessor.from_pretrained(clip)
+    frames = np.load(sorted(out.glob("videos-*/frames/00001-seed0-erased.npz"))[0])["frames"]
+    text = tokenizer([PROMPTS[1]], return_tensors="pt")
+    with torch.no_grad():
+        t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+        i = model.get_image_features(pixel_values=images(images=list(frames), return_tensors="pt")["pixel_values"]
+                                     .double())
+    t, i = (f if torch.is_tensor(f) else f.pooler_output for f in (t, i))
+    expected = (100 * torch.nn.functional.cosine_similarity(i, t, dim=-1)).clamp_min(0).mean().item()
+    assert float(rows[1]["erased_clip"]) == pytest.approx(expected, abs=2e-3)  # fp32 model vs fp64, 3 decimals
+    assert "CLIP score" in (out / "eval.md").read_text()
+    with pytest.raises(ConfigError, match="--clip: .*nowhere is not a folder"):
+        evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                       detector_instance=FixedDetector({}), clip=tmp_path / "nowhere")
