@@ -45,9 +45,23 @@ class EvalSettings:
     threshold: float = DEFAULT_THRESHOLD
     seeds: list[int] = field(default_factory=lambda: [0])
 
-    def video_key(self) -> str:
-        generation = [self.steps, self.frames, self.height, self.width, self.guidance, self.frames_per_video]
+    def video_key(self, model: str | Path, eraser_digest: str) -> str:
+        """The videos' folder key: the model, the eraser's bytes and the generation settings (a rerun with another
+        eraser or settings into the same --output reuses nothing)."""
+        generation = [str(Path(model).resolve()), eraser_digest, self.steps, self.frames, self.height, self.width,
+                      self.guidance, self.frames_per_video]
         return hashlib.sha256(json.dumps(generation).encode()).hexdigest()[:12]
+
+
+def eraser_digest(eraser: str | Path) -> str:
+    """sha256 of the eraser's weights file (what its erased videos depend on)."""
+    from .serialization import read_erasers
+
+    digest = hashlib.sha256()
+    with open(read_erasers(eraser).weights_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_prompt_csv(path: str | Path) -> list[dict[str, str]]:
@@ -117,10 +131,11 @@ class ClipScore:
         return float((100 * cosine).clamp_min(0).mean())
 
 
-def _video_paths(output: Path, settings: EvalSettings, row: int, seed: int, run: str) -> tuple[Path, Path]:
-    name = f"{row:05d}-seed{seed}-{run}"
-    base = output / f"videos-{settings.video_key()}"
-    return base / "frames" / f"{name}.npz", base / "detections" / f"{name}.json"
+def _video_paths(folder: Path, detector: str, prompt: str, row: int, seed: int, run: str) -> tuple[Path, Path]:
+    """A video's sampled frames and its detections (per detector) in the videos' folder; named by row and prompt
+    text, so that an edited CSV reuses only the rows that are the same."""
+    name = f"{row:05d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}-seed{seed}-{run}"
+    return folder / "frames" / f"{name}.npz", folder / f"detections-{detector}" / f"{name}.json"
 
 
 def _sampled_video(pipe, prompt: str, seed: int, settings: EvalSettings, erased: bool, tiling: str) -> np.ndarray:
@@ -139,22 +154,24 @@ def _sampled_video(pipe, prompt: str, seed: int, settings: EvalSettings, erased:
 
 
 def _load_video(frames_path: Path, detections_path: Path):
-    if not (frames_path.is_file() and detections_path.is_file()):
-        return None
+    """(frames or None, detections or None) from disk; a damaged file counts as missing (redone, not trusted)."""
+    frames = detections = None
     try:
-        frames = np.load(frames_path)["frames"]
-        detections = [[Detection(**d) for d in frame] for frame in json.loads(detections_path.read_text())]
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file is redone, not trusted
+        if frames_path.is_file():
+            frames = np.load(frames_path)["frames"]
+        if frames is not None and detections_path.is_file():
+            detections = [[Detection(**d) for d in frame] for frame in json.loads(detections_path.read_text())]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("redoing %s: %s", frames_path.name, exc)
-        return None
     return frames, detections
 
 
-def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray, detections) -> None:
+def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray | None, detections) -> None:
+    """Frames (unless None: already on disk), then the detections: their presence says the video is complete."""
     frames_path.parent.mkdir(parents=True, exist_ok=True)
     detections_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(frames_path, lambda tmp: np.savez_compressed(open(tmp, "wb"), frames=frames))
-    # detections last: their presence says the video is complete
+    if frames is not None:
+        atomic_write(frames_path, lambda tmp: np.savez_compressed(open(tmp, "wb"), frames=frames))
     atomic_write(detections_path, lambda tmp: tmp.write_text(json.dumps([[asdict(d) for d in frame]
                                                                          for frame in detections])))
 
@@ -192,10 +209,18 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
     began = time.perf_counter()
     jobs = [(i, seed, run) for i, _ in enumerate(rows) for seed in settings.seeds for run in ("base", "erased")]
     videos: dict[tuple[int, int, str], tuple[np.ndarray, list]] = {}
+    folder = output / f"videos-{settings.video_key(model, eraser_digest(eraser))}"
+
+    def paths(job):
+        return _video_paths(folder, found.name, rows[job[0]]["prompt"], *job)
+
     for job in jobs:
-        loaded = _load_video(*_video_paths(output, settings, *job))
-        if loaded is not None:
-            videos[job] = loaded
+        frames, detections = _load_video(*paths(job))
+        if frames is not None and detections is None:  # generated before, read by another detector: read it now
+            detections = [found(frame) for frame in frames]
+            _save_video(*paths(job), None, detections)
+        if detections is not None:
+            videos[job] = frames, detections
     todo = [job for job in jobs if job not in videos]
     if todo:
         pipe = load_pipeline(model, offload)
@@ -208,7 +233,7 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
                 i, seed, run = job
                 frames = _sampled_video(pipe, rows[i]["prompt"], seed, settings, run == "erased", tiling)
                 detections = [found(frame) for frame in frames]
-                _save_video(*_video_paths(output, settings, *job), frames, detections)
+                _save_video(*paths(job), frames, detections)
                 videos[job] = frames, detections
                 bar.update(1)
     clip_scores = None

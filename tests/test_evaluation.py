@@ -128,7 +128,7 @@ def test_an_interrupted_evaluation_resumes_without_generating_anything_twice(wor
     with pytest.raises(KeyboardInterrupt):
         evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
                        detector_instance=detector)
-    assert len(list(out.glob("videos-*/detections/*.json"))) == 3  # the 3 finished videos are on disk
+    assert len(list(out.glob("videos-*/detections-fixed/*.json"))) == 3  # the 3 finished videos are on disk
     monkeypatch.setattr(evaluation, "_sampled_video", lambda *a: generated.append((a[1], a[2], a[4])) or real(*a))
     result = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
                             detector_instance=detector)
@@ -137,10 +137,28 @@ def test_an_interrupted_evaluation_resumes_without_generating_anything_twice(wor
     again = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
                            detector_instance=detector)
     assert again["generated"] == 0 and again["reused"] == 6
-    # other generation settings are other videos: nothing reused
+    # other generation settings, or another eraser, are other videos: nothing reused
     other = evaluate_model(world["model"], world["eraser"], world["csv"], out,
                            settings=EvalSettings(**{**SETTINGS, "steps": 1}), detector_instance=detector)
     assert other["generated"] == 6
+    state = torch.load(world["eraser"] / "eraser_weights.pt", weights_only=True)
+    (tmp_path / "eraser2").mkdir()
+    for name in ("eraser_config.json",):
+        (tmp_path / "eraser2" / name).write_bytes((world["eraser"] / name).read_bytes())
+    first = next(iter(state))
+    state[first] = {k: v + 1 for k, v in state[first].items()}
+    torch.save(state, tmp_path / "eraser2" / "eraser_weights.pt")
+    changed = evaluate_model(world["model"], tmp_path / "eraser2", world["csv"], out, settings=EvalSettings(**SETTINGS),
+                             detector_instance=detector)
+    assert changed["generated"] == 6
+    # another detector reads the videos already generated: nothing is generated again
+    class Other(FixedDetector):
+        name = "other"
+
+    generated.clear()
+    reread = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                            detector_instance=Other({}))
+    assert reread["generated"] == 0 and not generated
 
 
 @pytest.fixture
@@ -215,7 +233,7 @@ def test_clip_scores_each_video_against_its_prompt(world, tmp_path, one_thread):
     assert 0 <= result["clip_base"] <= 100 and 0 <= result["clip_erased"] <= 100
     model = CLIPModel.from_pretrained(clip).double().eval()
     tokenizer, images = AutoTokenizer.from_pretrained(clip), AutoImageProcessor.from_pretrained(clip)
-    frames = np.load(sorted(out.glob("videos-*/frames/00001-seed0-erased.npz"))[0])["frames"]
+    frames = np.load(sorted(out.glob("videos-*/frames/00001-*-seed0-erased.npz"))[0])["frames"]
     text = tokenizer([PROMPTS[1]], return_tensors="pt")
     with torch.no_grad():
         t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
