@@ -176,18 +176,91 @@ def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray | N
                                                                          for frame in detections])))
 
 
+RUNS = ("base", "erased")
+
+
+class FramesWorld:
+    """A model with a VAE: one video per pipeline call (infer.generate: offload, VAE tiling), K frames sampled
+    evenly, the detector on each frame."""
+
+    batch = 1
+
+    def __init__(self, tiling: str = "auto"):
+        self.tiling = tiling
+
+    def generate(self, pipe, prompts: list[str], seed: int, settings: EvalSettings, erased: bool) -> list:
+        return [_sampled_video(pipe, prompt, seed, settings, erased, self.tiling) for prompt in prompts]
+
+    def read(self, detector, video) -> list[list[Detection]]:
+        return [detector(frame) for frame in video]
+
+
+def load_eval_pipeline(model: str | Path, eraser: str | Path, offload: str = "none", kernels: str = "auto"):
+    """The family's pipeline with the eraser loaded into each of its transformers (Wan2.2 A14B: each expert's)."""
+    from . import load_erasers
+    from .families import runtime_of_folder
+    from .infer import load_pipeline
+    from .sampling import pipeline_experts
+
+    pipe = load_pipeline(model, offload)
+    experts = pipeline_experts(pipe)
+    for name, transformer in zip(runtime_of_folder(model, "--model").experts(model), experts):
+        load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None).kernels = kernels
+    return pipe
+
+
+def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detector, world,
+                folder: Path | None = None) -> tuple[dict, int]:
+    """Every (prompt, seed) generated base and erased and read by `detector`: {(row, seed, run): (video,
+    detections per frame)} and how many were generated. The one path of `lowmem-eraser eval` (real models and the
+    toy world): `world` generates `world.batch` prompts per call (all of them: one call) and reads a video;
+    `folder`: where each video and its detections are kept as soon as they exist and found again on the next run
+    (None: nothing kept). `pipe_factory()` loads the pipeline, only if something is left to generate."""
+    from tqdm.auto import tqdm
+
+    jobs = [(i, seed, run) for seed in settings.seeds for run in RUNS for i in range(len(prompts))]
+    videos: dict[tuple[int, int, str], tuple] = {}
+
+    def paths(job):
+        return _video_paths(folder, detector.name, prompts[job[0]], *job)
+
+    if folder is not None:
+        for job in jobs:
+            frames, detections = _load_video(*paths(job))
+            if frames is not None and detections is None:  # generated before, read by another detector: read now
+                detections = world.read(detector, frames)
+                _save_video(*paths(job), None, detections)
+            if detections is not None:
+                videos[job] = frames, detections
+    todo = [job for job in jobs if job not in videos]
+    if not todo:
+        return videos, 0
+    pipe = pipe_factory()
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval videos", unit="video", dynamic_ncols=True,
+              disable=world.batch != 1) as bar:
+        for seed in settings.seeds:
+            for run in RUNS:
+                missing = [i for i, s, r in todo if s == seed and r == run]
+                size = world.batch or len(missing)
+                for start in range(0, len(missing), size):
+                    chunk = missing[start:start + size]
+                    made = world.generate(pipe, [prompts[i] for i in chunk], seed, settings, run == "erased")
+                    for i, video in zip(chunk, made):
+                        detections = world.read(detector, video)
+                        if folder is not None:
+                            _save_video(*paths((i, seed, run)), video, detections)
+                        videos[(i, seed, run)] = video, detections
+                        bar.update(1)
+    return videos, len(todo)
+
+
 def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, output: str | Path,
                    detector: str = "nudenet", settings: EvalSettings | None = None, offload: str = "none",
                    tiling: str = "auto", detector_instance=None, clip: str | Path | None = None) -> dict:
     """Base vs erased on every prompt and seed (see the module doc); returns the summary also written to
     `eval.json`. `detector_instance`: a detector object to use instead of `detector`'s (tests). `clip`: a local
     CLIP folder: every video's CLIP score to its prompt, base and erased (from the sampled frames)."""
-    from tqdm.auto import tqdm
-
-    from . import load_erasers
     from .families import runtime_of_folder
-    from .infer import load_pipeline
-    from .sampling import pipeline_experts
 
     settings = settings or EvalSettings()
     # every input is checked before the model loads and anything is generated
@@ -200,48 +273,27 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
     if not settings.seeds:
         raise ConfigError("--seeds: expected at least one seed")
     rows = read_prompt_csv(prompts)
-    runtime = runtime_of_folder(model, "--model")
+    runtime_of_folder(model, "--model")
+    if not (Path(model) / "vae").is_dir():
+        raise ConfigError(f"--model: {model} has no vae/ folder: --model evaluates videos decoded to frames (the toy "
+                          "world: eval --config)")
     check_family(model, eraser)
     output = ensure_folder(output, "--output")
     found = detector_instance if detector_instance is not None else make_detector(detector)
     scorer = ClipScore(clip) if clip is not None else None
 
     began = time.perf_counter()
-    jobs = [(i, seed, run) for i, _ in enumerate(rows) for seed in settings.seeds for run in ("base", "erased")]
-    videos: dict[tuple[int, int, str], tuple[np.ndarray, list]] = {}
     folder = output / f"videos-{settings.video_key(model, eraser_digest(eraser))}"
-
-    def paths(job):
-        return _video_paths(folder, found.name, rows[job[0]]["prompt"], *job)
-
-    for job in jobs:
-        frames, detections = _load_video(*paths(job))
-        if frames is not None and detections is None:  # generated before, read by another detector: read it now
-            detections = [found(frame) for frame in frames]
-            _save_video(*paths(job), None, detections)
-        if detections is not None:
-            videos[job] = frames, detections
-    todo = [job for job in jobs if job not in videos]
-    if todo:
-        pipe = load_pipeline(model, offload)
-        experts = pipeline_experts(pipe)
-        for name, transformer in zip(runtime.experts(model), experts):
-            load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None)
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval videos", unit="video",
-                  dynamic_ncols=True) as bar:
-            for job in todo:
-                i, seed, run = job
-                frames = _sampled_video(pipe, rows[i]["prompt"], seed, settings, run == "erased", tiling)
-                detections = [found(frame) for frame in frames]
-                _save_video(*paths(job), frames, detections)
-                videos[job] = frames, detections
-                bar.update(1)
+    prompts_text = [row["prompt"] for row in rows]
+    videos, generated = read_videos(lambda: load_eval_pipeline(model, eraser, offload), prompts_text, settings,
+                                    found, FramesWorld(tiling), folder)
+    jobs = list(videos)
     clip_scores = None
     if scorer is not None:  # from the frames on disk: cheap next to generation, so not cached
         clip_scores = {job: scorer(videos[job][0], rows[job[0]]["prompt"]) for job in jobs}
     result = summarize(rows, videos, settings, found, clip_scores)
     result.update(model=str(model), eraser=str(eraser), prompts_file=str(prompts), detector=found.name,
-                  generated=len(todo), reused=len(jobs) - len(todo), seconds=time.perf_counter() - began)
+                  generated=generated, reused=len(jobs) - generated, seconds=time.perf_counter() - began)
     write_results(output, rows, videos, settings, found, result, clip_scores)
     return result
 

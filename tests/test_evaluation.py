@@ -246,3 +246,31 @@ def test_clip_scores_each_video_against_its_prompt(world, tmp_path, one_thread):
     with pytest.raises(ConfigError, match="--clip: .*nowhere is not a folder"):
         evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
                        detector_instance=FixedDetector({}), clip=tmp_path / "nowhere")
+
+
+def test_the_toy_world_is_read_through_the_same_harness(monkeypatch):
+    """eval --config (the toy world) and eval --model share evaluation.read_videos: the toy detector's labels give
+    back the video the world drew, and the toy evaluation's generation goes through read_videos (one batched call
+    per run, as the toy table was always made: `eval` on runs/toy reproduced its eval.json key for key)."""
+    from lowmem_eraser.toy import evaluate as toy_evaluate
+    from lowmem_eraser.toy.world import Video, make_latents
+
+    detector = toy_evaluate.ToyDetector()
+    video = Video("red", "square", "up")
+    labels = detector(make_latents(video))
+    assert {d.label for d in labels} == {"colour:red", "shape:square", "motion:up"}
+    assert toy_evaluate.reading(labels) == video and toy_evaluate.reading([]) is None
+    assert set(d.label for d in labels) <= set(detector.classes)
+
+    calls = []
+
+    def spy(pipe_factory, prompts, settings, found, world, folder=None):
+        calls.append((len(prompts), settings.seeds, found.name, world.batch, folder))
+        videos = {(i, seed, run): (make_latents(Video("blue", "ball", "left")), [[]]) for i in range(len(prompts))
+                  for seed in settings.seeds for run in ("base", "erased")}
+        return videos, len(videos)
+
+    monkeypatch.setattr(evaluation, "read_videos", spy)
+    prompts, truth, base, erased, detected = toy_evaluate._generate_and_detect("m", "e", 3, 5.0, 7, "torch")
+    assert calls == [(96, [7], "toy", 0, None)]  # all 96 held-out prompts, one batched call per run, nothing kept
+    assert base.shape[0] == 96 and detected["erased"] == [None] * 96

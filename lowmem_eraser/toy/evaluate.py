@@ -2,7 +2,8 @@
 
 Every attribute combination is captioned in the held-out phrasings (never seen in training), generated with
 the erasers off and on from the same seed, and read back by `detect`. Target prompts are those whose
-attribute equals the erased concept ("red"); the others are non-target prompts.
+attribute equals the erased concept ("red"); the others are non-target prompts. Generation and reading go through
+the eval harness of real models (evaluation.read_videos) with the toy world's generation and detector below.
 """
 
 from __future__ import annotations
@@ -38,19 +39,58 @@ def _accuracy(detected: list[Video | None], truth: list[Video], attribute: str) 
     return sum(d is not None and getattr(d, attribute) == getattr(t, attribute) for d, t in zip(detected, truth)) / len(truth)
 
 
+class ToyDetector:
+    """The toy world's detector (world.detect) as a detector of the eval harness: a latent video's colour, shape and
+    motion as labels `attribute:value` (score 1), none when the video shows no readable object."""
+
+    name = "toy"
+    classes = tuple(f"{name}:{value}" for name, values in ATTRIBUTES.items() for value in values)
+
+    def __call__(self, video) -> list:
+        from ..detectors import Detection
+
+        reading = detect(video)
+        return [] if reading is None else [Detection(f"{name}:{getattr(reading, name)}", 1.0) for name in ATTRIBUTES]
+
+
+def reading(detections: list) -> Video | None:
+    """The Video a ToyDetector's labels describe (None: no object)."""
+    if not detections:
+        return None
+    return Video(**dict(found.label.split(":") for found in detections))
+
+
+class ToyWorld:
+    """The toy world in the eval harness: every prompt of a run in one batched call (toy.build.generate: the batch
+    starting at prompt i draws its noise from seed + i, as it always did), latent videos read whole."""
+
+    batch = 0  # all prompts in one call
+
+    def generate(self, pipe, prompts: list[str], seed: int, settings, erased: bool) -> list:
+        from ..sampling import all_erasers_disabled
+
+        if erased:
+            return list(generate(pipe, prompts, seed, settings.steps, settings.guidance))
+        with all_erasers_disabled(pipe):
+            return list(generate(pipe, prompts, seed, settings.steps, settings.guidance))
+
+    def read(self, detector, video) -> list:
+        return [detector(video)]  # one reading of the whole video (motion needs every frame)
+
+
 def _generate_and_detect(model, eraser, steps: int, guidance: float, seed: int, kernels: str):
-    """Every held-out prompt generated with the erasers off, then on, from the same seed, and read back:
-    (prompts, their attributes, base latents, erased latents, {"base": readings, "erased": readings})."""
-    from .. import erasers_disabled, load_erasers
-    from ..infer import load_pipeline
+    """Every held-out prompt generated with the erasers off, then on, from the same seed, and read back through the
+    eval harness (evaluation.read_videos): (prompts, their attributes, base latents, erased latents,
+    {"base": readings, "erased": readings})."""
+    from ..evaluation import EvalSettings, load_eval_pipeline, read_videos
 
     prompts, truth = map(list, zip(*held_out_prompts()))
-    pipe = load_pipeline(model)
-    load_erasers(pipe.transformer, eraser).kernels = kernels
-    with erasers_disabled(pipe.transformer):
-        base = generate(pipe, prompts, seed, steps, guidance)
-    erased = generate(pipe, prompts, seed, steps, guidance)
-    return prompts, truth, base, erased, {"base": [detect(v) for v in base], "erased": [detect(v) for v in erased]}
+    settings = EvalSettings(steps=steps, guidance=guidance, seeds=[seed])
+    videos, _ = read_videos(lambda: load_eval_pipeline(model, eraser, kernels=kernels), prompts, settings,
+                            ToyDetector(), ToyWorld())
+    latents = {run: torch.stack([videos[(i, seed, run)][0] for i in range(len(prompts))]) for run in ("base", "erased")}
+    detected = {run: [reading(videos[(i, seed, run)][1][0]) for i in range(len(prompts))] for run in ("base", "erased")}
+    return prompts, truth, latents["base"], latents["erased"], detected
 
 
 def evaluate(model: str | Path, eraser: str | Path, concept: str, steps: int = 25, guidance: float = 5.0, seed: int = 0,
