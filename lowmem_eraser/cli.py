@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--height", type=int, default=None)
     evaluate.add_argument("--width", type=int, default=None)
     evaluate.add_argument("--guidance", type=float, default=6.0)
-    evaluate.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
-                          help="--model: move weights to the GPU only while they run (slower, less GPU memory)")
+    evaluate.add_argument("--offload", choices=("auto", "none", "model", "sequential"), default="auto",
+                          help="--model: move weights to the GPU only while they run (slower, less GPU memory); "
+                               "auto: what the planner's infer stage picks for the free GPU memory")
     evaluate.add_argument("--clip", default=None, help="--model: a local CLIP folder: adds each video's CLIP score "
                                                        "to its prompt, base and erased")
     evaluate.add_argument("--concepts", nargs="+", default=None, metavar="CONCEPT",

@@ -209,6 +209,25 @@ def load_eval_pipeline(model: str | Path, eraser: str | Path, offload: str = "no
     return pipe
 
 
+def planned_offload(model: str | Path, settings: EvalSettings, budget: int) -> str:
+    """`--offload auto`: the planner's infer stage (plan.Predictor.infer, simulated from the folder's configs as
+    `lowmem-eraser plan` does): the fastest pipeline offload (none, model, sequential) whose every phase, text
+    encoding, denoising and VAE decode, fits `budget` bytes."""
+    import torch
+
+    from .config import LossConfig, VideoConfig
+    from .families import runtime_of_folder
+    from .plan import Predictor, model_spec
+
+    spec = model_spec(model)
+    default = runtime_of_folder(model, "--model").video_size(spec.transformer, spec.facts.vae_scale)
+    video = VideoConfig(frames=settings.frames or default[0], height=settings.height or default[1],
+                        width=settings.width or default[2])
+    predictor = Predictor(spec.transformer, video, 1, LossConfig(), torch.bfloat16, text_config=spec.text_encoder,
+                          vae_config=spec.vae, facts=spec.facts)
+    return predictor.infer(budget).offload
+
+
 def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detector, world,
                 folder: Path | None = None) -> tuple[dict, int]:
     """Every (prompt, seed) generated base and erased and read by `detector`: {(row, seed, run): (video,
@@ -255,11 +274,14 @@ def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detect
 
 
 def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, output: str | Path,
-                   detector: str = "nudenet", settings: EvalSettings | None = None, offload: str = "none",
+                   detector: str = "nudenet", settings: EvalSettings | None = None, offload: str = "auto",
                    tiling: str = "auto", detector_instance=None, clip: str | Path | None = None) -> dict:
     """Base vs erased on every prompt and seed (see the module doc); returns the summary also written to
     `eval.json`. `detector_instance`: a detector object to use instead of `detector`'s (tests). `clip`: a local
-    CLIP folder: every video's CLIP score to its prompt, base and erased (from the sampled frames)."""
+    CLIP folder: every video's CLIP score to its prompt, base and erased (from the sampled frames). `offload`:
+    none | model | sequential, or auto: on CUDA what the planner's infer stage picks for the free GPU memory."""
+    import torch
+
     from .families import runtime_of_folder
 
     settings = settings or EvalSettings()
@@ -281,6 +303,15 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
     output = ensure_folder(output, "--output")
     found = detector_instance if detector_instance is not None else make_detector(detector)
     scorer = ClipScore(clip) if clip is not None else None
+
+    if offload not in ("auto", "none", "model", "sequential"):
+        raise ConfigError(f"--offload: expected auto, none, model or sequential, got {offload!r}")
+    if offload == "auto":
+        offload = "none"
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            offload = planned_offload(model, settings, free)
+            logger.info("--offload auto: %s (the planner's infer stage for %.1f GiB free)", offload, free / 2**30)
 
     began = time.perf_counter()
     folder = output / f"videos-{settings.video_key(model, eraser_digest(eraser))}"

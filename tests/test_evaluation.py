@@ -274,3 +274,13 @@ def test_the_toy_world_is_read_through_the_same_harness(monkeypatch):
     prompts, truth, base, erased, detected = toy_evaluate._generate_and_detect("m", "e", 3, 5.0, 7, "torch")
     assert calls == [(96, [7], "toy", 0, None)]  # all 96 held-out prompts, one batched call per run, nothing kept
     assert base.shape[0] == 96 and detected["erased"] == [None] * 96
+
+
+def test_offload_auto_is_the_planners_infer_stage(world):
+    """--offload auto asks plan.Predictor.infer for the fastest offload that fits the free GPU memory: everything
+    resident with room to spare, the pipeline's model offload or sequential offload as the budget shrinks."""
+    from lowmem_eraser.evaluation import planned_offload
+
+    settings = EvalSettings(**SETTINGS)
+    assert planned_offload(world["model"], settings, 2**40) == "none"
+    assert planned_offload(world["model"], settings, 1) == "sequential"  # nothing fits: the leanest there is
