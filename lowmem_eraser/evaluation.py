@@ -1,15 +1,17 @@
 """`lowmem-eraser eval --model DIR --eraser RUN --prompts CSV`: erasure measured on a real model with a detector.
 
 For each prompt (CSV column `prompt`; other columns are kept in the results) and seed, the base and the erased
-video are generated from the same noise with the family's pipeline (infer.load_pipeline / infer.generate: model or
-sequential offload, VAE tiling when the decode would not fit), K frames are sampled evenly and read by the detector
-(detectors.py). Per video: the highest score of each concept class and whether the video shows the concept (a
-class >= the threshold in a sampled frame). Written to `--output`: `results.csv` (one row per prompt and seed,
-base and erased side by side), `eval.json` and `eval.md` (the rate of videos showing the concept, base -> erased,
-per class counts, the mean pixel change erased vs base, wall time). Reports hold numbers only, never frames.
+video are generated from the same noise with the family's pipeline (infer.load_pipeline / infer.generate: offload
+picked by the planner's infer stage or given, VAE tiling when the decode would not fit), K frames are sampled
+evenly and read by the detector (detectors.py). Per video: the highest score of each concept class and whether
+the video shows the concept (a class >= the threshold in a sampled frame). Written to `--output`: `results.csv`
+(one row per prompt and seed, base and erased side by side), `eval.json` and `eval.md` (the rate of videos showing
+the concept, base -> erased, per class counts, the mean pixel change erased vs base, and on the rows whose optional
+`target` column is 0; with `--clip DIR` each video's CLIP score to its prompt; wall time). Reports hold numbers
+only, never frames. The toy world's `eval --config` goes through the same `read_videos` (toy/evaluate.py).
 
-Resumable: each video's sampled frames (`frames/`) and detections (`detections/`) are written atomically as soon
-as they exist and reused on the next start with the same settings; Ctrl-C loses at most the video in progress.
+Resumable: each video's sampled frames and detections (`videos-<key>/frames/`, `detections-<detector>/`) are written
+atomically as soon as they exist and reused on the next start; Ctrl-C loses at most the video in progress.
 """
 
 from __future__ import annotations
@@ -347,16 +349,26 @@ def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector, 
                     per_class[name] += score >= settings.threshold
         result[f"rate_{run}"] = shown / result["videos_per_run"]
         result[f"class_counts_{run}"] = per_class
+    non_target = []
     for i in range(len(rows)):
         for seed in settings.seeds:
             base = videos[(i, seed, "base")][0].astype(np.float64)
             erased = videos[(i, seed, "erased")][0].astype(np.float64)
             changes.append(float(np.abs(erased - base).mean() / 255))
+            non_target.append(is_non_target(rows[i]))
     result["mean_pixel_change"] = float(np.mean(changes))
+    kept = [change for change, other in zip(changes, non_target) if other]
+    if kept:  # the CSV marks prompts without the concept: how much the eraser changed them is preservation
+        result["mean_pixel_change_non_target"] = float(np.mean(kept))
     if clip_scores is not None:
         for run in ("base", "erased"):
             result[f"clip_{run}"] = float(np.mean([v for (_, _, r), v in clip_scores.items() if r == run]))
     return result
+
+
+def is_non_target(row: dict) -> bool:
+    """A CSV row marked as not showing the concept: column `target` = 0 / false / no."""
+    return (row.get("target") or "").strip().lower() in ("0", "false", "no")
 
 
 def markdown(result: dict) -> str:
@@ -369,7 +381,9 @@ def markdown(result: dict) -> str:
                      f"{result['class_counts_erased'][name]} |")
     if "clip_base" in result:
         lines.append(f"| CLIP score to the prompt (mean) | {result['clip_base']:.2f} | {result['clip_erased']:.2f} |")
-    lines += ["", f"Mean pixel change, erased vs base (same noise; 0-1 scale): {result['mean_pixel_change']:.4f}.",
+    lines += ["", f"Mean pixel change, erased vs base (same noise; 0-1 scale): {result['mean_pixel_change']:.4f}"
+              + (f"; on the prompts marked `target` 0: {result['mean_pixel_change_non_target']:.4f}"
+                 if "mean_pixel_change_non_target" in result else "") + ".",
               f"{result['generated']} videos generated, {result['reused']} reused from an earlier run; "
               f"{result['seconds']:.0f} s.", "",
               "Rates compare only at the same threshold and frame sampling (papers use 0.2-0.75)."]

@@ -99,8 +99,10 @@ def test_counting_uses_the_threshold_per_class_and_any_frame_of_a_video():
         for run, marks in (("base", base), ("erased", erased)):
             frames = _video(marks)
             videos[(i, seed, run)] = frames, [detector(f) for f in frames]
-    rows = [{"prompt": f"p{i}"} for i in range(3)]
+    rows = [{"prompt": f"p{i}", "target": t} for i, t in enumerate(["1", "0", "true"])]
     result = summarize(rows, videos, EvalSettings(seeds=[0], frames_per_video=3), detector)
+    # the pixel change of the rows marked target 0 (prompt 1 only: marks 2,2,2 -> 2,0,0 in one pixel of 3 frames)
+    assert result["mean_pixel_change_non_target"] == pytest.approx(4 / (3 * 4 * 4 * 3) / 255)
     assert result["rate_base"] == pytest.approx(2 / 3) and result["rate_erased"] == pytest.approx(1 / 3)
     assert result["class_counts_base"] == {"A_EXPOSED": 2, "B_EXPOSED": 1}
     assert result["class_counts_erased"] == {"A_EXPOSED": 1, "B_EXPOSED": 1}
