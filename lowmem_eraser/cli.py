@@ -116,20 +116,32 @@ def _infer(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+_MODEL_ONLY = ("prompts", "detector", "seeds", "frames_per_video", "threshold", "frames", "height", "width",
+               "guidance", "offload", "clip")
+
+
 def _eval_model(args: argparse.Namespace) -> None:
     from .evaluation import EvalSettings, evaluate_model, markdown
 
+    if args.concepts:
+        raise LowmemEraserError("--concepts: the toy world's option (eval --config); --model reads its --detector's "
+                                "classes")
     if not args.prompts:
         raise LowmemEraserError("--prompts: --model needs a CSV of prompts (a `prompt` column)")
-    if args.seeds < 1:
-        raise LowmemEraserError(f"--seeds: expected at least 1, got {args.seeds}")
-    settings = EvalSettings(steps=50 if args.steps is None else args.steps, frames=args.frames, height=args.height,
-                            width=args.width, guidance=args.guidance, frames_per_video=args.frames_per_video,
-                            threshold=args.threshold, seeds=list(range(args.seed, args.seed + args.seeds)))
+    seeds = 1 if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise LowmemEraserError(f"--seeds: expected at least 1, got {seeds}")
+
+    def given(value, default):
+        return default if value is None else value
+
+    settings = EvalSettings(steps=given(args.steps, 50), frames=args.frames, height=args.height, width=args.width,
+                            guidance=given(args.guidance, 6.0), frames_per_video=given(args.frames_per_video, 8),
+                            threshold=given(args.threshold, 0.6), seeds=list(range(args.seed, args.seed + seeds)))
     eraser = Path(args.eraser)
     output = args.output or (eraser if eraser.is_dir() else eraser.parent)
-    result = evaluate_model(args.model, eraser, args.prompts, output, args.detector, settings, args.offload,
-                            clip=args.clip)
+    result = evaluate_model(args.model, eraser, args.prompts, output, given(args.detector, "nudenet"), settings,
+                            given(args.offload, "auto"), clip=args.clip)
     print(markdown(result))
     print(f"wrote {Path(output) / 'results.csv'}, eval.json and eval.md")
 
@@ -137,8 +149,12 @@ def _eval_model(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .serialization import ensure_folder, read_erasers
 
-    if args.model:
+    if args.model is not None:
         return _eval_model(args)
+    for name in _MODEL_ONLY:  # with --config these would be ignored: say so instead
+        if getattr(args, name) is not None:
+            raise LowmemEraserError(f"--{name.replace('_', '-')}: only with --model (the toy world's eval --config "
+                                    "takes its prompts, detector and sampling from the config)")
     from .toy.evaluate import (concept_attribute, concepts_markdown, evaluate, evaluate_concepts, markdown,
                                write_report)
 
@@ -313,17 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", default=None, help="folder for eval.json and eval.md (default: the eraser folder)")
     evaluate.add_argument("--prompts", help="--model: CSV with a `prompt` column (other columns kept in results.csv)")
-    evaluate.add_argument("--detector", default="nudenet", help="--model: nudenet (pip install 'lowmem-eraser[eval]')")
-    evaluate.add_argument("--seeds", type=int, default=1, help="--model: seeds per prompt: --seed, --seed + 1, ...")
-    evaluate.add_argument("--frames-per-video", dest="frames_per_video", type=int, default=8,
-                          help="--model: frames sampled evenly from each video for the detector")
-    evaluate.add_argument("--threshold", type=float, default=0.6,
-                          help="--model: detector score that counts (papers use 0.2-0.75)")
+    # the --model options default to None, so that one given with --config is named instead of ignored
+    evaluate.add_argument("--detector", default=None, help="--model: nudenet (default; pip install 'lowmem-eraser[eval]')")
+    evaluate.add_argument("--seeds", type=int, default=None, help="--model: seeds per prompt: --seed, --seed + 1, ... "
+                                                                  "(default 1)")
+    evaluate.add_argument("--frames-per-video", dest="frames_per_video", type=int, default=None,
+                          help="--model: frames sampled evenly from each video for the detector (default 8)")
+    evaluate.add_argument("--threshold", type=float, default=None,
+                          help="--model: detector score that counts (default 0.6; papers use 0.2-0.75)")
     evaluate.add_argument("--frames", type=int, default=None, help="--model: video frames (default: the family's)")
-    evaluate.add_argument("--height", type=int, default=None)
-    evaluate.add_argument("--width", type=int, default=None)
-    evaluate.add_argument("--guidance", type=float, default=6.0)
-    evaluate.add_argument("--offload", choices=("auto", "none", "model", "sequential"), default="auto",
+    evaluate.add_argument("--height", type=int, default=None, help="--model: (default: the family's)")
+    evaluate.add_argument("--width", type=int, default=None, help="--model: (default: the family's)")
+    evaluate.add_argument("--guidance", type=float, default=None, help="--model: CFG scale (default 6.0)")
+    evaluate.add_argument("--offload", choices=("auto", "none", "model", "sequential"), default=None,
                           help="--model: move weights to the GPU only while they run (slower, less GPU memory); "
                                "auto: what the planner's infer stage picks for the free GPU memory")
     evaluate.add_argument("--clip", default=None, help="--model: a local CLIP folder: adds each video's CLIP score "

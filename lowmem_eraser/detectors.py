@@ -29,11 +29,18 @@ class Detection:
     score: float
 
 
+def nudenet_input(frame: np.ndarray) -> np.ndarray:
+    """An RGB frame as NudeNet must get it to see what it sees reading the same image from a file: cv2.imread gives
+    BGR, which NudeNet's cvtColor(RGBA2BGR) and blobFromImage(swapRB) each swap once; so: BGR."""
+    return np.ascontiguousarray(frame[..., ::-1])
+
+
 class NudeNetDetector:
     """NudeNet's NudeDetector (320n ONNX model from its wheel) on one frame."""
 
     name = "nudenet"
     classes = UNSAFE_CLASSES
+    min_score = 0.25  # NudeNet's own cut (its NMS drops lower scores): a lower threshold counts as this one
 
     def __init__(self):
         try:
@@ -44,9 +51,8 @@ class NudeNetDetector:
         self._model = NudeDetector()
 
     def __call__(self, frame: np.ndarray) -> list[Detection]:
-        # NudeNet converts an array with cv2's RGBA->BGR: hand it RGBA (its own reading of a file gives BGR)
-        rgba = np.dstack([frame, np.full(frame.shape[:2], 255, dtype=np.uint8)])
-        return [Detection(found["class"], float(found["score"])) for found in self._model.detect(rgba)]
+        return [Detection(found["class"], float(found["score"]))
+                for found in self._model.detect(nudenet_input(frame))]
 
 
 DETECTORS = {"nudenet": NudeNetDetector}

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,18 @@ class EvalSettings:
     seeds: list[int] = field(default_factory=lambda: [0])
 
     def video_key(self, model: str | Path, eraser_digest: str) -> str:
-        """The videos' folder key: the model, the eraser's bytes and the generation settings (a rerun with another
-        eraser or settings into the same --output reuses nothing)."""
-        generation = [str(Path(model).resolve()), eraser_digest, self.steps, self.frames, self.height, self.width,
-                      self.guidance, self.frames_per_video]
+        """The videos' folder key: the model (its path and its files' names, sizes and config contents), the
+        eraser's bytes, the generation settings, where they run (CUDA bf16 or CPU fp32: infer.load_pipeline) and
+        the library versions — a rerun that changes any of them into the same --output reuses nothing."""
+        import diffusers
+        import torch
+
+        model = Path(model).resolve()
+        files = sorted((str(p.relative_to(model)), p.stat().st_size, p.read_text() if p.suffix == ".json" else "")
+                       for p in model.rglob("*") if p.is_file())
+        generation = [str(model), files, eraser_digest, self.steps, self.frames, self.height, self.width,
+                      self.guidance, self.frames_per_video, torch.cuda.is_available(), torch.__version__,
+                      diffusers.__version__]
         return hashlib.sha256(json.dumps(generation).encode()).hexdigest()[:12]
 
 
@@ -78,7 +87,8 @@ def read_prompt_csv(path: str | Path) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or "prompt" not in reader.fieldnames:
         raise ConfigError(f"--prompts: {path} has no `prompt` column (columns: {', '.join(reader.fieldnames or [])})")
-    rows = [row for row in reader if (row.get("prompt") or "").strip()]
+    # a row longer than the header puts its extra cells under None: not a column
+    rows = [{k: v for k, v in row.items() if k is not None} for row in reader if (row.get("prompt") or "").strip()]
     if not rows:
         raise ConfigError(f"--prompts: {path} has no prompts (no row with a non-empty `prompt`)")
     return rows
@@ -163,8 +173,9 @@ def _load_video(frames_path: Path, detections_path: Path):
             frames = np.load(frames_path)["frames"]
         if frames is not None and detections_path.is_file():
             detections = [[Detection(**d) for d in frame] for frame in json.loads(detections_path.read_text())]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         logger.warning("redoing %s: %s", frames_path.name, exc)
+        frames = detections = None
     return frames, detections
 
 
@@ -173,7 +184,11 @@ def _save_video(frames_path: Path, detections_path: Path, frames: np.ndarray | N
     frames_path.parent.mkdir(parents=True, exist_ok=True)
     detections_path.parent.mkdir(parents=True, exist_ok=True)
     if frames is not None:
-        atomic_write(frames_path, lambda tmp: np.savez_compressed(open(tmp, "wb"), frames=frames))
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, frames=frames)
+
+        atomic_write(frames_path, write)
     atomic_write(detections_path, lambda tmp: tmp.write_text(json.dumps([[asdict(d) for d in frame]
                                                                          for frame in detections])))
 
@@ -191,6 +206,14 @@ class FramesWorld:
         self.tiling = tiling
 
     def generate(self, pipe, prompts: list[str], seed: int, settings: EvalSettings, erased: bool) -> list:
+        if self.tiling == "auto":  # decided once per run (free GPU memory varies): every video decoded alike
+            from .infer import vae_tiling
+            from .sampling import runtime_of
+
+            frames, height, width = runtime_of(pipe.transformer).video_size(dict(pipe.transformer.config),
+                                                                            pipe.vae_scale_factor_spatial)
+            self.tiling = "on" if vae_tiling(pipe, "auto", settings.frames or frames, settings.height or height,
+                                             settings.width or width) else "off"
         return [_sampled_video(pipe, prompt, seed, settings, erased, self.tiling) for prompt in prompts]
 
     def read(self, detector, video) -> list[list[Detection]]:
@@ -298,12 +321,19 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
         raise ConfigError("--seeds: expected at least one seed")
     rows = read_prompt_csv(prompts)
     runtime_of_folder(model, "--model")
+    from .infer import Generation, check_generation
+
+    check_generation(model, Generation(prompt="", steps=settings.steps, frames=settings.frames,
+                                       height=settings.height, width=settings.width, guidance=settings.guidance))
     if not (Path(model) / "vae").is_dir():
         raise ConfigError(f"--model: {model} has no vae/ folder: --model evaluates videos decoded to frames (the toy "
                           "world: eval --config)")
     check_family(model, eraser)
     output = ensure_folder(output, "--output")
     found = detector_instance if detector_instance is not None else make_detector(detector)
+    if settings.threshold < getattr(found, "min_score", 0):
+        logger.warning("--threshold %g is below the lowest score %s reports (%g): it counts as %g", settings.threshold,
+                       found.name, found.min_score, found.min_score)
     scorer = ClipScore(clip) if clip is not None else None
 
     if offload not in ("auto", "none", "model", "sequential"):

@@ -170,6 +170,22 @@ def export(frames: np.ndarray, path: str | Path, fps: int = FPS) -> Path:
     return path
 
 
+def check_generation(model, spec: Generation) -> None:
+    """`spec`'s steps, frames, sizes and guidance for this model folder, checked before the model loads."""
+    if spec.steps < 1:
+        raise LowmemEraserError(f"--steps: expected at least 1, got {spec.steps}")
+    if not math.isfinite(spec.guidance):
+        raise LowmemEraserError(f"--guidance: expected a finite number, got {spec.guidance}")
+    runtime = runtime_of_folder(model, "--model")
+    if spec.frames is not None and (spec.frames <= 0 or spec.frames % runtime.frame_step != 1):
+        raise LowmemEraserError(f"--frames: expected {runtime.frame_step}k+1 frames (e.g. 49), got {spec.frames}")
+    multiple = runtime.size_multiple(model)
+    for name, value in (("--height", spec.height), ("--width", spec.width)):
+        if value is not None and (value <= 0 or value % multiple):
+            raise LowmemEraserError(f"{name}: expected a multiple of {multiple} for this model (its VAE's compression "
+                                    f"x its patch size), got {value}")
+
+
 def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offload: str = "none", compare: bool = False,
           tiling: str = "auto"):
     """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed).
@@ -180,23 +196,14 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
     # Every argument is checked before the model loads (minutes on a real model), not after the generation.
     if Path(output).suffix not in (".gif", ".mp4"):
         raise LowmemEraserError(f"--output: {output} must end in .gif or .mp4")
-    if spec.steps < 1:
-        raise LowmemEraserError(f"--steps: expected at least 1, got {spec.steps}")
     if not math.isfinite(strength):  # nan/inf would render a black video and exit 0
         raise LowmemEraserError(f"--strength: expected a finite number, got {strength}")
-    runtime = runtime_of_folder(model, "--model")
-    if spec.frames is not None and (spec.frames <= 0 or spec.frames % runtime.frame_step != 1):
-        raise LowmemEraserError(f"--frames: expected {runtime.frame_step}k+1 frames (e.g. 49), got {spec.frames}")
-    multiple = runtime.size_multiple(model)
-    for name, value in (("--height", spec.height), ("--width", spec.width)):
-        if value is not None and value % multiple:
-            raise LowmemEraserError(f"{name}: expected a multiple of {multiple} for this model (its VAE's compression "
-                                    f"x its patch size), got {value}")
+    check_generation(model, spec)
     ensure_folder(Path(output).parent, "--output")
     read_erasers(eraser)  # a bad eraser is named before the model loads
     pipe = load_pipeline(model, offload)
     experts = pipeline_experts(pipe)
-    for name, transformer in zip(runtime.experts(model), experts):  # Wan2.2 A14B: each expert its own erasers
+    for name, transformer in zip(runtime_of_folder(model, "--model").experts(model), experts):  # Wan2.2 A14B: each expert its own erasers
         load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None)
         set_eraser_scale(transformer, strength)
     erased = generate(pipe, spec, tiling)

@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,47 @@ def test_offload_auto_is_the_planners_infer_stage(world):
     settings = EvalSettings(**SETTINGS)
     assert planned_offload(world["model"], settings, 2**40) == "none"
     assert planned_offload(world["model"], settings, 1) == "sequential"  # nothing fits: the leanest there is
+
+
+def test_nudenet_sees_an_array_as_it_sees_the_same_image_from_a_file(tmp_path):
+    """NudeNet's own path (cv2.imread: BGR) and ours (an RGB frame through detectors.nudenet_input) give the network
+    the same input blob."""
+    from nudenet.nudenet import _read_image
+    from PIL import Image
+
+    from lowmem_eraser.detectors import nudenet_input
+
+    frame = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
+    frame[..., 0] = 250  # strongly red: a swap of R and B would show
+    Image.fromarray(frame).save(tmp_path / "frame.png")
+    from_file = _read_image(str(tmp_path / "frame.png"))[0]
+    assert np.array_equal(_read_image(nudenet_input(frame))[0], from_file)
+    assert not np.array_equal(_read_image(np.ascontiguousarray(frame))[0], from_file)  # RGB as is: swapped
+
+
+def test_a_damaged_cached_video_is_redone(world, tmp_path, one_thread):
+    out = tmp_path / "eval"
+    detector = FixedDetector({})
+    evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                   detector_instance=detector)
+    frames = sorted(out.glob("videos-*/frames/*.npz"))
+    frames[0].write_bytes(frames[0].read_bytes()[:40])  # truncated
+    frames[1].write_bytes(b"")  # empty
+    again = evaluate_model(world["model"], world["eraser"], world["csv"], out, settings=EvalSettings(**SETTINGS),
+                           detector_instance=detector)
+    assert again["generated"] == 2 and again["reused"] == 4
+
+
+def test_eval_options_of_the_other_mode_are_named_not_ignored(world, tmp_path, capsys, no_generation):
+    toy_config = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    assert cli_main(["eval", "--config", str(toy_config), "--eraser", str(world["eraser"]), "--seeds", "5"]) == 2
+    assert "--seeds: only with --model" in capsys.readouterr().err
+    assert cli_main(["eval", "--config", str(toy_config), "--eraser", str(world["eraser"]), "--guidance", "3"]) == 2
+    assert "--guidance: only with --model" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", str(world["model"]), "--eraser", str(world["eraser"]), "--prompts",
+                     str(world["csv"]), "--concepts", "red"]) == 2
+    assert "--concepts: the toy world's option" in capsys.readouterr().err
+    # generation settings the model cannot take are named before it loads
+    assert cli_main(["eval", "--model", str(world["model"]), "--eraser", str(world["eraser"]), "--prompts",
+                     str(world["csv"]), "--frames", "10", "--output", str(tmp_path / "o")]) == 2
+    assert "--frames: expected 8k+1 frames (e.g. 49), got 10" in capsys.readouterr().err
