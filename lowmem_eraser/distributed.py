@@ -154,6 +154,7 @@ def start(batch_size: int) -> Processes:
     dist.all_gather_object(kinds, device.type)
     if len(set(kinds)) > 1:
         ranks = ", ".join(f"rank {r}: {kind}" for r, kind in enumerate(kinds))
+        dist.destroy_process_group()  # every rank leaves the group it joined before saying why (else: an abort at exit)
         raise DistributedError(f"mixed device types ({ranks}): every process must train on the same kind of "
                                "device (one GPU each, or all on the CPU)")
     _rank_zero_notices(processes)

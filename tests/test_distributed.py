@@ -255,6 +255,9 @@ def _worker(rank: int, world: int, port: int, scenario: str, config: str, result
             distributed.stop(processes)
     except BaseException as exc:  # noqa: BLE001 (reported to the test)
         outcome["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if torch.distributed.is_initialized():  # a group left open aborts the process at exit (gloo)
+            torch.distributed.destroy_process_group()
     Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
