@@ -85,7 +85,9 @@ class Processes:
     @contextlib.contextmanager
     def main_first(self):
         """Rank 0 runs the block first (e.g. filling a cache on disk), the others after it, reading what it wrote.
-        An error on rank 0 is raised on every rank instead of leaving them waiting."""
+        An error on rank 0 is raised on every rank instead of leaving them waiting. (Not accelerate's
+        `main_process_first`: it needs accelerate's state to own the process group, and a failing rank 0 leaves the
+        others in its barrier until the timeout.)"""
         if not self.enabled:
             yield
             return
@@ -210,8 +212,10 @@ class StepSync:
         has_grad = [p.grad is not None for p in self.params]
         parts = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device)
                  for p in self.params]
-        head = torch.tensor([*(float(terms[n]) if not failed else 0.0 for n in names), *map(float, has_grad),
-                             float(failed)], device=device)
+        # the loss terms stay on the device (no host sync per term); a failed rank has none and sends zeros
+        values = (torch.zeros(len(names), device=device) if failed
+                  else torch.stack([terms[n].detach().float().reshape(()) for n in names]).to(device))
+        head = torch.cat([values, torch.tensor([*map(float, has_grad), float(failed)], device=device)])
         flat = torch.cat([head, *parts])
         with lost_contact(step):
             dist.all_reduce(flat)  # SUM; divided below (equal local batches: the mean of means is the batch mean)

@@ -77,13 +77,10 @@ def eraser_digest(eraser: str | Path) -> str:
 
 def read_prompt_csv(path: str | Path) -> list[dict[str, str]]:
     """The CSV's rows (every column kept); errors name the file: unreadable, no `prompt` column, no rows."""
+    from .config import read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"--prompts: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--prompts: cannot read {path} as UTF-8 text: {exc}") from None
+    text = read_text(path, "--prompts", "utf-8-sig")  # missing, unreadable, not UTF-8: named with the line
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or "prompt" not in reader.fieldnames:
         raise ConfigError(f"--prompts: {path} has no `prompt` column (columns: {', '.join(reader.fieldnames or [])})")

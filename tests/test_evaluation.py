@@ -185,7 +185,7 @@ def test_bad_prompt_files_are_refused_before_any_generation(world, tmp_path, no_
         _eval(world, tmp_path / "o", prompts=tmp_path / "no_prompt.csv")
     with pytest.raises(ConfigError, match=r"--prompts: .*empty.csv has no prompts"):
         _eval(world, tmp_path / "o", prompts=tmp_path / "empty.csv")
-    with pytest.raises(ConfigError, match=r"--prompts: .*missing.csv does not exist"):
+    with pytest.raises(ConfigError, match=r"--prompts: .*missing.csv not found"):
         _eval(world, tmp_path / "o", prompts=tmp_path / "missing.csv")
 
 
