@@ -52,11 +52,15 @@ class AdversarialPrompts:
     """One training step's adversarial inner loop (train.eraser_losses_backward): `spec`, and `start` [B, K, D],
     the vectors it starts from (None: the prompts' own values). The step sets `learned` [B, K, D]. Adversarial
     training keeps each prompt's vectors from one visit to the next, so the inner loop's few steps add up to an
-    attack as long as the evaluation's over the run (persistent perturbations, as in "free" adversarial training)."""
+    attack as long as the evaluation's over the run (persistent perturbations, as in "free" adversarial training).
+    `x_t`: the latents the inner loop and the adversarial term work on, at the step's timesteps (the training loop:
+    the original model's samples of the prompts noised there, the states the attack draws); None: the step's own
+    x_t."""
 
     spec: SoftPrompt
     start: torch.Tensor | None = None
     learned: torch.Tensor | None = None
+    x_t: torch.Tensor | None = None
 
 
 def check_soft_prompt(tokens: int, steps: int, text_length: int, tokens_field: str = "--tokens",

@@ -496,7 +496,8 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
         param.grad = None
     adversarial = None
     if loss.adversarial.every > 0:  # the inner steps build one graph at a time (with the text input's gradient):
-        adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1))  # one holds their peak
+        # one holds their peak; the adversarial term has latents of its own, as in training (train.draw_batch)
+        adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1), x_t=inputs.x_t.clone())
     with FlopCounter() as counter, LiveTensorTracker() as tracker:
         eraser_losses_backward(transformer, erasers, replace(inputs, adversarial=adversarial), loss,
                                activations=activations)
@@ -699,15 +700,17 @@ class Predictor:
                 self._weights[key] = device_weight_bytes(transformer, setting.swap, counts=self.counts)
         return self._weights[key]
 
-    def _passes(self, setting: Setting, average: bool = True) -> tuple[int, float, int]:
+    def _passes(self, setting: Setting, average: bool = True) -> tuple[float, float, int]:
         """(frozen forwards, student forwards, forward-equivalents of one backward pass) of a step: on average
         over the run, or (`average=False`) in the simulated step. Adversarial training (`loss.adversarial`) adds
         the adversarial pass and its inner steps every `every` steps, each counted as a student pass (forward
-        and backward: the inner steps' backward stops at the vectors' input gradients, so this is an upper bound);
-        the simulated step has the adversarial pass and one inner step (measure_step)."""
+        and backward: the inner steps' backward stops at the vectors' input gradients, so this is an upper bound),
+        and the original model's two predictions at the adversarial term's own latents; the simulated step has
+        the adversarial pass and one inner step (measure_step)."""
         adversarial = self.loss.adversarial
         frozen, student = 2 + (self.loss.beta > 0 and self.loss.anchor == "empty"), 1 + (self.loss.beta > 0)
         if adversarial.every > 0:
+            frozen += 2 / adversarial.every if average else 2
             student += (1 + adversarial.inner_steps) / adversarial.every if average else 2
         return frozen, student, 3 if setting.checkpointing else 2
 
@@ -743,7 +746,7 @@ class Predictor:
         swapped = min(setting.swap, self.depth)
         sizes = self._block_sizes(setting)
         activations = step.offloaded / simulated / self.depth / bandwidth  # one block's saved inputs, one pass
-        student = self._passes(setting)[1]
+        frozen, student, _ = self._passes(setting)  # the run's average per step
         shares = self._stack_compute(setting)
         seconds = 0.0
         for passes, units_per_pass, down, up in (
@@ -837,7 +840,7 @@ class Predictor:
                                 "read in full precision on the CPU, then quantised and moved"))
         cfg = self.sampling_batch_factor if run.cfg else 1
         cfg_note = self.arch.cfg_note if run.cfg else ""
-        if run.sampling == "renoise" or self.loss.adversarial.every > 0:  # adversarial steps re-noise x0 too
+        if run.sampling == "renoise" or self.loss.adversarial.every > 0:  # the adversarial term re-noises x0 too
             peak, inputs = self.forward_peak(setting, cfg * run.sampling_batch)
             stages.append(Stage("x0 generation", step.weights + adapters + peak + inputs, host,
                                 f"no-grad forward at batch {cfg * run.sampling_batch} {cfg_note}".rstrip()))

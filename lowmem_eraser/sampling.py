@@ -159,6 +159,12 @@ def renoise(transformer, scheduler, x0: torch.Tensor, generator: torch.Generator
     return runtime_of(transformer).renoise(scheduler, x0, generator, num_inference_steps)
 
 
+def noise_at(transformer, scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+             num_inference_steps: int) -> torch.Tensor:
+    """x0 noised as `renoise` noises it, at given timesteps t [B] (e.g. those a trajectory step reached)."""
+    return runtime_of(transformer).noise_at(scheduler, x0, t, generator, num_inference_steps)
+
+
 @torch.no_grad()
 def trajectory(pipe, target_embeds, empty, video, sampling, generator, device,
                share: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,8 +41,8 @@ from .lowram_load import load_transformer_blockwise
 from .memory import MemoryMeter, configure_cuda_allocator, return_freed_memory, tensor_bytes
 from .offload import BlockOffloader, streamed_indices
 from .quantize import quantize_base, resolve_backend
-from .sampling import (expert_groups, generate_clean_latents, latent_frames, make_pipeline, pipeline_experts, renoise,
-                       runtime_of, step_extras, trajectory)
+from .sampling import (expert_groups, generate_clean_latents, latent_frames, make_pipeline, noise_at, pipeline_experts,
+                       renoise, runtime_of, step_extras, trajectory)
 from .serialization import atomic_write, save_erasers
 from .plots import plot_losses
 from .text import PromptEmbeddings, cache_key, encode_prompts
@@ -159,6 +159,8 @@ class StepInputs:
 
         held = [self.x_t, self.t, *tensors(self.c), *tensors(self.empty), *tensors(self.c_pre),
                 *tensors(self.concept_tokens), *tensors(self.extras)]
+        if self.adversarial is not None:
+            held += tensors(self.adversarial.x_t) + tensors(self.adversarial.start)
         return tensor_bytes(held)
 
     def select(self, positions: torch.Tensor) -> "StepInputs":
@@ -167,7 +169,8 @@ class StepInputs:
         adversarial = self.adversarial
         if adversarial is not None:
             adversarial = AdversarialPrompts(adversarial.spec,
-                                             None if adversarial.start is None else adversarial.start[positions])
+                                             None if adversarial.start is None else adversarial.start[positions],
+                                             x_t=None if adversarial.x_t is None else adversarial.x_t[on_device])
         return replace(self, x_t=self.x_t[on_device], t=self.t[on_device], c=self.c[on_device],
                        empty=self.empty[on_device], c_pre=self.c_pre[on_device],
                        concept_tokens=None if self.concept_tokens is None else self.concept_tokens[positions],
@@ -182,10 +185,11 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
     `activations`: a context manager entered around each pass that builds a graph (the student passes), e.g.
     activation_offload.offload_activations(...); None keeps saved activations where autograd puts them.
     `batch.adversarial` (every `loss.adversarial.every` steps): before the erased model's passes, an inner loop
-    learns soft-prompt vectors in c that make the current erasers reproduce v_θ(x_t, c) (attack.learn_soft_prompt:
-    gradients to the vectors only, on this step's x_t and t, one graph at a time; from `adversarial.start`, the
-    result left in `adversarial.learned`), and a further pass trains the erasers toward v_neg under them:
-    + loss.adversarial.weight·‖v_θ'(x_t, [c; s]) − v_neg‖² ("adv").
+    learns soft-prompt vectors in c that make the current erasers reproduce v_θ(x_a, c) (attack.learn_soft_prompt:
+    gradients to the vectors only, at this step's t, one graph at a time; from `adversarial.start`, the result
+    left in `adversarial.learned`), and a further pass trains the erasers toward v_neg at x_a under them:
+    + loss.adversarial.weight·‖v_θ'(x_a, [c; s]) − v_neg(x_a)‖² ("adv"). x_a is `adversarial.x_t` (the training
+    loop's: the original model's samples noised at t, where the attack works), the step's x_t when that is None.
     Returns the detached loss terms {"loss", "unlearn", "loc", "pre", "adv"}. Used by the loop below and by the
     benchmarks and the memory planner, so that all of them measure the same step.
     """
@@ -209,11 +213,18 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
         elif torch.is_tensor(eta):  # [B], broadcast over the prediction's other dims
             eta = eta.to(v_anchor.device, v_anchor.dtype).reshape(-1, *[1] * (v_anchor.dim() - 1))
         v_neg = v_anchor - eta * (v_c.float() - v_anchor)
-        v_neg_adv = v_neg
-        if adversarial is None:
-            del v_c
-        elif loss_cfg.adversarial.eta is not None:
-            v_neg_adv = v_anchor - loss_cfg.adversarial.eta * (v_c.float() - v_anchor)
+        x_adv, v_c_adv, v_neg_adv = x_t, None, v_neg
+        if adversarial is not None:
+            v_c_adv, v_anchor_adv = v_c, v_anchor
+            if adversarial.x_t is not None:  # the adversarial term's own latents: the original model there too
+                x_adv = adversarial.x_t
+                v_c_adv = velocity(transformer, x_adv, t, c, extras)
+                v_anchor_adv = velocity(transformer, x_adv, t, c_pre if anchored else empty, extras).float()
+            if adversarial.x_t is not None or loss_cfg.adversarial.eta is not None:
+                adv_eta = eta if loss_cfg.adversarial.eta is None else loss_cfg.adversarial.eta
+                v_neg_adv = v_anchor_adv - adv_eta * (v_c_adv.float() - v_anchor_adv)
+            del v_anchor_adv
+        del v_c
         v_pre = None
         if loss_cfg.beta > 0:
             v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, extras)).float()
@@ -221,10 +232,10 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
 
     soft = None
     if adversarial is not None:  # the vectors that bring the concept back under the current erasers (base frozen)
-        soft, _ = learn_soft_prompt(transformer, c, adversarial.spec, lambda i: (x_t, t, v_c), extras,
+        soft, _ = learn_soft_prompt(transformer, c, adversarial.spec, lambda i, at=(x_adv, t, v_c_adv): at, extras,
                                     activations=activations, start=adversarial.start)
         adversarial.learned = soft
-        del v_c
+    del v_c_adv
 
     # The erased model θ': adapters on, gradients to the adapters; L_loc collected inside the blocks.
     loc = torch.zeros((), device=x_t.device)
@@ -241,7 +252,7 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
     adv = torch.zeros((), device=x_t.device)
     if soft is not None:  # a graph of its own, built after the first one is freed
         with saving:
-            v_erased_adv = velocity(transformer, x_t, t, with_soft_prompt(c, soft), extras)
+            v_erased_adv = velocity(transformer, x_adv, t, with_soft_prompt(c, soft), extras)
         adv = F.mse_loss(v_erased_adv.float(), v_neg_adv)
         (scale * loss_cfg.adversarial.weight * adv).backward()
         del v_erased_adv
@@ -424,7 +435,7 @@ class Session:
     pipe: Any
     extras: Any
     frames: int
-    x0: torch.Tensor | None  # renoise / adversarial steps: every target prompt's sample of the original model
+    x0: torch.Tensor | None  # renoise / adversarial term: every target prompt's sample of the original model
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # every draw of the run, the same on every rank
     start: int
@@ -534,7 +545,7 @@ def _build(config, resume, out, signals, processes, device, dtype, concepts_pair
         pipe.set_progress_bar_config(disable=True)
         extras = step_extras(pipe, video, config.sampling.guidance_scale, device)
 
-        # 3. x0 for `renoise` (and adversarial steps, which draw x_t as the attack does): one sample per target
+        # 3. x0 for `renoise` (and the adversarial term, which draws x_t as the attack does): one sample per target
         # prompt from the frozen model, each cached as soon as it exists; several ranks split the prompts.
         x0 = None
         if config.sampling.mode == "renoise" or adversarial.every > 0:
@@ -625,7 +636,7 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     index = draw_pairs(session.sizes, config.train.batch_size, session.generator)
     mine = processes.slice(len(index))
     attacking = adversarial.every > 0 and step % adversarial.every == 0
-    if config.sampling.mode == "renoise" or attacking:
+    if config.sampling.mode == "renoise":
         x_t, t_global = renoise(session.transformers[0], session.scheduler, session.x0[index], session.generator,
                                 config.sampling.num_inference_steps)
         x_t, t = x_t[mine], t_global[mine]
@@ -638,12 +649,19 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     if processes.enabled and len(session.transformers) > 1:  # Wan2.2 A14B: each expert's share of the global batch
         expert_counts = {k: len(positions) for k, positions in expert_groups(session.pipe, t_global)}
     global_size = len(index)
-    index = index[mine]
+    drawn, index = index, index[mine]
     text = session.text
     c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
     attack = None
     if attacking:
-        attack = AdversarialPrompts(session.inner, session.adversarial_vectors[index].to(device))
+        # The adversarial term's latents: the original model's samples noised at the step's t (own noise), as the
+        # attack draws them. Under attack the concept comes back into x_t, a state the erased model's own trajectory
+        # never reaches; the unlearning and preservation terms keep the sampling mode's x_t, the states generation
+        # visits (measured in the toy world: one x_t for all terms cost the red prompts' shape and motion).
+        x_adv = noise_at(session.transformers[0], session.scheduler, session.x0[drawn], t_global, session.generator,
+                         config.sampling.num_inference_steps)
+        attack = AdversarialPrompts(session.inner, session.adversarial_vectors[index].to(device),
+                                    x_t=x_adv[mine].to(device, session.dtype))
     batch = StepInputs(x_t.to(device, session.dtype), t.to(device), c, c_pre=c_pre,
                        empty=text.empty.expand_as(c).to(device), concept_tokens=text.concept_tokens[index],
                        extras=session.extras, frames=session.frames,

@@ -72,16 +72,20 @@ def test_attack_on_the_model_it_imitates_starts_at_zero_loss():
     assert losses[0].item() < 1e-15  # fp64; the prediction's mean square is ~1
 
 
+@pytest.mark.parametrize("own_latents", [False, True], ids=["step-latents", "own-latents"])
 @pytest.mark.parametrize("adversarial_eta", [None, 0.0], ids=["step-eta", "own-eta"])
-def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors(adversarial_eta):
+def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors(adversarial_eta, own_latents):
     """fp64 model (v_neg in fp32, as the step makes it): the adversarial step's adapter gradients = the plain step's
-    + weight x the gradient of
-    ‖v_θ'(x_t, [c; s]) − v_neg‖² with s from the same inner loop (which itself leaves no gradient behind);
-    v_neg with loss.adversarial.eta when it is set, else the step's eta."""
+    + weight x the gradient of ‖v_θ'(x_a, [c; s]) − v_neg(x_a)‖² with s from the same inner loop (which itself
+    leaves no gradient behind) run at x_a too; x_a = `adversarial.x_t` when given (the training loop's: the
+    original model's samples noised at the step's t), else the step's x_t; v_neg with loss.adversarial.eta when it
+    is set, else the step's eta. The plain terms stay at the step's x_t."""
     transformer, erasers, x_t, t, c, empty, c_pre = _tiny()
+    x_a = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=x_t.dtype) if own_latents else x_t
     spec = AdversarialConfig(every=1, tokens=2, inner_steps=5, weight=0.7, lr=0.1, eta=adversarial_eta)
     loss = LossConfig(eta=2.0, alpha=0.0, beta=0.5, anchor="preservation", adversarial=spec)
-    attack = AdversarialPrompts(SoftPrompt(2, 5, 0.1), start=c[:, 5:] + 0.1)  # as if a visit before moved them
+    attack = AdversarialPrompts(SoftPrompt(2, 5, 0.1), start=c[:, 5:] + 0.1,  # as if a visit before moved them
+                                x_t=x_a if own_latents else None)
     terms = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3,
                                                                         adversarial=attack), loss)
     got = [p.grad.clone() for p in erasers.parameters()]
@@ -89,18 +93,51 @@ def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vecto
     erasers.zero_grad(set_to_none=True)
     plain = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3), loss)
     with torch.no_grad(), erasers_disabled(transformer):
-        v_c, v_pre = velocity(transformer, x_t, t, c, None), velocity(transformer, x_t, t, c_pre, None)
-    soft, _ = learn_soft_prompt(transformer, c, SoftPrompt(2, 5, 0.1), lambda i: (x_t, t, v_c), start=c[:, 5:] + 0.1)
+        v_c, v_pre = velocity(transformer, x_a, t, c, None), velocity(transformer, x_a, t, c_pre, None)
+    soft, _ = learn_soft_prompt(transformer, c, SoftPrompt(2, 5, 0.1), lambda i: (x_a, t, v_c), start=c[:, 5:] + 0.1)
     assert torch.equal(attack.learned, soft)
     eta = loss.eta if adversarial_eta is None else adversarial_eta
     v_neg = v_pre.float() - eta * (v_c.float() - v_pre.float())  # fp32 like the step (η amplifies rounding)
-    adv = (velocity(transformer, x_t, t, with_soft_prompt(c, soft), None).float() - v_neg).pow(2).mean()
+    adv = (velocity(transformer, x_a, t, with_soft_prompt(c, soft), None).float() - v_neg).pow(2).mean()
     (spec.weight * adv).backward()
     for g, p in zip(got, erasers.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-10)  # the losses are fp32 (1.6e-7 measured)
     torch.testing.assert_close(terms["adv"], adv.detach(), rtol=1e-9, atol=0)
+    for name in ("unlearn", "pre"):
+        assert torch.equal(terms[name], plain[name])
     torch.testing.assert_close(terms["loss"], plain["loss"] + spec.weight * adv.detach(), rtol=1e-9, atol=0)
     assert plain["adv"] == 0
+
+
+def test_adversarial_term_draws_the_original_samples_noised_at_the_steps_t(tiny_model, tmp_path):  # noqa: F811
+    """Trajectory sampling + adversarial training: the step's x_t is the erased model's own denoising state, the
+    adversarial term's latents are the cached x0 of the same prompts noised at the same t with fresh noise (DDIM:
+    x_a = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε; the ε read back is standard normal only at the right t and the right x0)."""
+    from lowmem_eraser import runfolder
+    from lowmem_eraser.config import load_config
+    from lowmem_eraser.train import draw_batch, setup
+
+    config = load_config(make_config(tiny_model, tmp_path / "run", sampling={"mode": "trajectory"},
+                                     loss={"adversarial": {"every": 2, "tokens": 2, "inner_steps": 1}},
+                                     train={"batch_size": 4}))
+    out = Path(config.output_dir)
+    lock = runfolder.prepare(out, False, False)
+    try:
+        with runfolder.StopSignals() as signals:
+            session = setup(config, False, out, signals)
+            plain, _ = draw_batch(session, 1)
+            batch, index = draw_batch(session, 2)
+    finally:
+        lock.release()
+    assert plain.adversarial is None and batch.adversarial is not None
+    assert (batch.t == batch.t[0]).all()  # one trajectory step for the batch
+    alpha = session.scheduler.alphas_cumprod[batch.t].double().view(-1, 1, 1, 1, 1)
+    x0 = session.x0[index].double()
+    eps = (batch.adversarial.x_t.double() - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1, (eps.mean(), eps.std())
+    wrong = (batch.adversarial.x_t.double() - alpha.sqrt() * x0.roll(1, 0)) / (1 - alpha).sqrt()
+    assert abs(wrong.std() - 1) > 0.1  # the check tells the prompts' own samples from their batch mates'
+    assert not torch.equal(batch.adversarial.x_t, batch.x_t)
 
 
 def test_adversarial_config_ranges_name_the_field(tiny_model, tmp_path):  # noqa: F811

@@ -439,3 +439,34 @@ def test_infer_on_wan22_a14b_loads_each_experts_erasers(a14b_model, tmp_path):
     with Image.open(path) as image:
         video = np.asarray(image.convert("RGB"))
     assert np.array_equal(video[:, :64], video[:, -64:])  # strength 0 on both experts: the base model
+
+
+@pytest.mark.parametrize("model, sampling", [("Wan", "trajectory"), ("A14B", "renoise")])
+def test_adversarial_training_noises_the_original_samples_at_the_steps_timesteps(models, a14b_model, model, sampling,
+                                                                                  tmp_path, monkeypatch):
+    """The adversarial term's latents are the cached x0 noised at the step's own t on the family's grid: Wan
+    along a trajectory (its t is one of the pipeline's timesteps, which the flow scheduler's noising looks up),
+    Wan2.2 A14B with each expert's samples split out of a mixed batch together with their latents."""
+    from lowmem_eraser import train as train_module
+
+    seen = []
+    real = train_module.eraser_losses_backward
+
+    def recording(transformer, erasers, batch, *args, **kwargs):
+        if batch.adversarial is not None:
+            seen.append((batch.t.tolist(), tuple(batch.adversarial.x_t.shape), tuple(batch.x_t.shape)))
+        return real(transformer, erasers, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "eraser_losses_backward", recording)
+    root = models("Wan") if model == "Wan" else a14b_model
+    config = make_config(root, tmp_path / "run", sampling={"mode": sampling},
+                         loss={"adversarial": {"every": 1, "tokens": 2, "inner_steps": 1}},
+                         train={"steps": 4, "batch_size": 2})
+    assert cli_main(["train", "--config", str(config)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["adv"] > 0 and np.isfinite(row["loss"]) for row in rows)
+    assert all(adv == plain for _, adv, plain in seen)
+    if model == "A14B":  # a mixed batch goes to the experts in parts, each with its own samples' latents
+        assert len(seen) > len(rows)
+    else:
+        assert len(seen) == len(rows) and all(len(set(t)) == 1 for t, _, _ in seen)

@@ -78,9 +78,9 @@ def test_predicted_peak_matches_the_measured_live_tensor_peak(name, config, size
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_adversarial_training_peak_is_planned_from_one_more_pass(checkpointing):
-    """A real adversarial step (3 inner steps) on the full-depth model vs the prediction, which simulates one
-    inner step: they build their graphs one at a time (without checkpointing, each holds more than the
-    adversarial pass: its text input needs a gradient)."""
+    """A real adversarial step (3 inner steps, latents of its own as in training) on the full-depth model vs the
+    prediction, which simulates one inner step: they build their graphs one at a time (without checkpointing,
+    each holds more than the adversarial pass: its text input needs a gradient)."""
     from dataclasses import replace
 
     from lowmem_eraser.attack import AdversarialPrompts, SoftPrompt
@@ -95,14 +95,16 @@ def test_adversarial_training_peak_is_planned_from_one_more_pass(checkpointing):
     inputs = step_inputs(transformer, video, 1, torch.float32)
     with LiveTensorTracker() as tracker:
         terms = eraser_losses_backward(transformer, erasers,
-                                       replace(inputs, adversarial=AdversarialPrompts(SoftPrompt(2, 3))), loss)
+                                       replace(inputs, adversarial=AdversarialPrompts(
+                                           SoftPrompt(2, 3), x_t=torch.randn_like(inputs.x_t))), loss)
     assert terms["adv"] > 0
     predictor = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32)
     plain = Predictor(TINY_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32)
     error = predictor.predict(setting).step_peak / tracker.peak_bytes - 1
     assert abs(error) <= 0.05, error
-    # the step time counts (1 + 3 inner) student passes every 2 steps on top of the plain step's 2
-    assert predictor._passes(setting)[1] == plain._passes(setting)[1] + 2
+    # the step time counts (1 + 3 inner) student passes every 2 steps on top of the plain step's 2, and the
+    # original model's 2 predictions at the adversarial latents every 2 steps on top of its 2
+    assert predictor._passes(setting)[:2] == (plain._passes(setting)[0] + 1, plain._passes(setting)[1] + 2)
     assert predictor.step_seconds(setting, Speeds()) > plain.step_seconds(setting, Speeds())
 
 

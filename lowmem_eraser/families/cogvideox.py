@@ -43,8 +43,13 @@ class CogVideoXRuntime(Runtime):
         """DDIM v-prediction: t uniform over all training timesteps, the scheduler's `add_noise` (the paper's
         E over x, ε, t)."""
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        return self.noise_at(scheduler, x0, t, generator, num_inference_steps), t
+
+    def noise_at(self, scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                 num_inference_steps: int, grid=None) -> torch.Tensor:
+        """x0 noised by the scheduler's `add_noise` at training timesteps t [B], ε drawn from `generator`."""
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return scheduler.add_noise(x0, noise, t), t
+        return scheduler.add_noise(x0, noise, t)
 
 
 FAMILY = register(Family(

@@ -150,8 +150,15 @@ class Runtime:
         (shifted) inference grid of `num_inference_steps` steps: flow matching, x_t = (1 − σ)·x0 + σ·ε."""
         grid = self.inference_grid(scheduler, num_inference_steps)
         index = torch.randint(0, len(grid.timesteps), (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         t = grid.timesteps[index]
+        return self.noise_at(scheduler, x0, t, generator, num_inference_steps, grid), t
+
+    def noise_at(self, scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                 num_inference_steps: int, grid=None) -> torch.Tensor:
+        """x0 noised by the scheduler's forward process at timesteps t [B] of the inference grid (`grid`: that
+        grid, already made), x_t = (1 − σ)·x0 + σ·ε with ε drawn from `generator`."""
+        grid = self.inference_grid(scheduler, num_inference_steps) if grid is None else grid
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         if hasattr(grid, "scale_noise"):  # FlowMatchEulerDiscreteScheduler
-            return grid.scale_noise(x0, t, noise), t
-        return grid.add_noise(x0, noise, t), t  # UniPC with flow sigmas (Wan's published scheduler)
+            return grid.scale_noise(x0, t, noise)
+        return grid.add_noise(x0, noise, t)  # UniPC with flow sigmas (Wan's published scheduler)
