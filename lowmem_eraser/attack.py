@@ -53,9 +53,9 @@ class AdversarialPrompts:
     the vectors it starts from (None: the prompts' own values). The step sets `learned` [B, K, D]. Adversarial
     training keeps each prompt's vectors from one visit to the next, so the inner loop's few steps add up to an
     attack as long as the evaluation's over the run (persistent perturbations, as in "free" adversarial training).
-    `x_t`: the latents the inner loop and the adversarial term work on, at the step's timesteps (the training loop:
-    the original model's samples of the prompts noised there, the states the attack draws); None: the step's own
-    x_t."""
+    `x_t`: the latents the inner loop and the adversarial term work on, at the step's timesteps (the training loop
+    in trajectory runs: the original model's samples of the prompts noised there, the kind of state the attack
+    works on); None: the step's own x_t."""
 
     spec: SoftPrompt
     start: torch.Tensor | None = None

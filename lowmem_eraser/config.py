@@ -133,10 +133,11 @@ class AdversarialConfig(_Section):
     in each target prompt's text condition (its last `tokens` positions) that make the CURRENT eraser reproduce
     the original model's prediction (attack.py, the attack of `lowmem-eraser attack`); the step then also trains the erasers to erase the concept under
     them, weighted by `weight`. Only the vectors train in the inner loop; the base stays frozen. The inner loop and
-    the adversarial term work on latents of their own, drawn as the attack draws them: the original model's
-    sample of the prompt (x0, generated once and cached as `sampling.mode: renoise` does) noised at the step's t,
-    since under attack the concept comes back into x_t, a state the erased model's own trajectory never visits;
-    the unlearning and preservation terms keep the x_t of `sampling.mode`."""
+    the adversarial term work on the kind of state the attack works on: the original model's sample of the prompt
+    (x0, generated once and cached as `sampling.mode: renoise` does) noised at the step's t, since under attack the
+    concept comes back into x_t, a state the erased model's own trajectory never visits. With `sampling.mode:
+    trajectory` those are latents of their own and the unlearning and preservation terms keep the trajectory's
+    x_t; a renoise step's x_t is such a state already and every term shares it."""
 
     key: ClassVar[str] = "loss.adversarial"
     every: int = field(default=0, metadata=_NON_NEGATIVE)

@@ -494,10 +494,9 @@ def measure_step(transformer: nn.Module, erasers, inputs: StepInputs, loss: Loss
     activation offload context (emulated on real CPU tensors, simulated on fake ones)."""
     for param in erasers.parameters():
         param.grad = None
-    adversarial = None
-    if loss.adversarial.every > 0:  # the inner steps build one graph at a time (with the text input's gradient):
-        # one holds their peak; the adversarial term has latents of its own, as in training (train.draw_batch)
-        adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1), x_t=inputs.x_t.clone())
+    adversarial = inputs.adversarial  # (Predictor.simulate: the vectors and latents a training step holds)
+    if adversarial is None and loss.adversarial.every > 0:
+        adversarial = AdversarialPrompts(SoftPrompt(loss.adversarial.tokens, 1))
     with FlopCounter() as counter, LiveTensorTracker() as tracker:
         eraser_losses_backward(transformer, erasers, replace(inputs, adversarial=adversarial), loss,
                                activations=activations)
@@ -584,6 +583,7 @@ class Predictor:
     dequantises each weight transiently, so its steps are simulated with int8 blocks of their own.
 
     `facts` says which transformer class `config` is for (CogVideoX by default) and what its pipeline feeds it.
+    `sampling`: the run's sampling.mode (adversarial training's step differs between them).
     A model with several stacks of blocks (HunyuanVideo: dual- then single-stream) is simulated at 2 blocks per
     stack and, per stack, at 3 of that stack's blocks; each stack's per-block term is extrapolated to its depth.
     `text_config`: the text encoders (see stages.text_encoders; a dict is a T5 padded to the transformer's text
@@ -593,11 +593,13 @@ class Predictor:
     def __init__(self, config: dict, video: VideoConfig, rank: int, loss: LossConfig,
                  dtype: torch.dtype = torch.bfloat16, int8_backend: str = "triton",
                  text_config=None, vae_config: dict | None = None, speeds: Speeds = Speeds(),
-                 offload_min_bytes: int | None = None, facts: ModelFacts = ModelFacts()):
+                 offload_min_bytes: int | None = None, facts: ModelFacts = ModelFacts(), sampling: str = "renoise"):
         if int8_backend not in ("triton", "int8"):
             raise PlanError(f"int8_backend must be 'triton' or 'int8', got {int8_backend!r}")
         self.config, self.video, self.rank, self.loss, self.dtype = config, video, rank, loss, dtype
         self.int8_backend = int8_backend
+        # sampling.mode: with `trajectory`, the adversarial term has latents of its own (train.draw_batch)
+        self.own_adversarial_latents = loss.adversarial.every > 0 and sampling != "renoise"
         self.facts, self.arch = facts, ARCHITECTURES[facts.transformer_class]
         self.text_length = self.arch.text_length(config)
         self.text_config = text_encoders(text_config, self.text_length)
@@ -637,7 +639,15 @@ class Predictor:
                                  **dict(zip(self.arch.stack_keys, counts)))
 
     def _inputs(self, transformer: nn.Module, batch: int) -> StepInputs:
-        return step_inputs(transformer, self.video, batch, self.dtype, facts=self.facts)
+        """Random inputs of a training step; with adversarial training, the vectors each prompt starts from (fp32,
+        as the loop keeps them) and, in trajectory runs, the adversarial term's latents (train.draw_batch)."""
+        inputs = step_inputs(transformer, self.video, batch, self.dtype, facts=self.facts)
+        adversarial = self.loss.adversarial
+        if adversarial.every > 0:
+            start = inputs.c[:, inputs.c.shape[1] - adversarial.tokens:].float().clone()
+            x_t = inputs.x_t.clone() if self.own_adversarial_latents else None
+            inputs = replace(inputs, adversarial=AdversarialPrompts(SoftPrompt(adversarial.tokens, 1), start, x_t=x_t))
+        return inputs
 
     def simulate(self, setting: Setting, layers) -> Prediction:
         """One training step of a copy of the model with `layers` blocks (per stack: an int for one-stack models)
@@ -705,12 +715,13 @@ class Predictor:
         over the run, or (`average=False`) in the simulated step. Adversarial training (`loss.adversarial`) adds
         the adversarial pass and its inner steps every `every` steps, each counted as a student pass (forward
         and backward: the inner steps' backward stops at the vectors' input gradients, so this is an upper bound),
-        and the original model's two predictions at the adversarial term's own latents; the simulated step has
-        the adversarial pass and one inner step (measure_step)."""
+        and, in trajectory runs, the original model's two predictions at the adversarial term's own latents; the
+        simulated step has the adversarial pass and one inner step (measure_step)."""
         adversarial = self.loss.adversarial
         frozen, student = 2 + (self.loss.beta > 0 and self.loss.anchor == "empty"), 1 + (self.loss.beta > 0)
-        if adversarial.every > 0:
+        if self.own_adversarial_latents:
             frozen += 2 / adversarial.every if average else 2
+        if adversarial.every > 0:
             student += (1 + adversarial.inner_steps) / adversarial.every if average else 2
         return frozen, student, 3 if setting.checkpointing else 2
 
@@ -1061,7 +1072,7 @@ def make_plan(model: str | Path, video: VideoConfig, rank: int, loss: LossConfig
     began = time.perf_counter()
     spec = model_spec(model)
     predictor = Predictor(spec.transformer, video, rank, loss, dtype, text_config=spec.text_encoder,
-                          vae_config=spec.vae, speeds=speeds, facts=spec.facts)
+                          vae_config=spec.vae, speeds=speeds, facts=spec.facts, sampling=run.sampling)
     candidates = rung_candidates(predictor, run, budget, batch)
     pick = fastest_fit(candidates, budget)
     if pick is not None:

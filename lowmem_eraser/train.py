@@ -189,7 +189,8 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
     gradients to the vectors only, at this step's t, one graph at a time; from `adversarial.start`, the result
     left in `adversarial.learned`), and a further pass trains the erasers toward v_neg at x_a under them:
     + loss.adversarial.weight·‖v_θ'(x_a, [c; s]) − v_neg(x_a)‖² ("adv"). x_a is `adversarial.x_t` (the training
-    loop's: the original model's samples noised at t, where the attack works), the step's x_t when that is None.
+    loop's in trajectory runs: the original model's samples noised at t, the kind of state the attack works on),
+    the step's x_t when that is None (renoise runs: their x_t is such a state).
     Returns the detached loss terms {"loss", "unlearn", "loc", "pre", "adv"}. Used by the loop below and by the
     benchmarks and the memory planner, so that all of them measure the same step.
     """
@@ -213,18 +214,19 @@ def eraser_losses_backward(transformer, erasers, batch: StepInputs, loss_cfg, ac
         elif torch.is_tensor(eta):  # [B], broadcast over the prediction's other dims
             eta = eta.to(v_anchor.device, v_anchor.dtype).reshape(-1, *[1] * (v_anchor.dim() - 1))
         v_neg = v_anchor - eta * (v_c.float() - v_anchor)
-        x_adv, v_c_adv, v_neg_adv = x_t, None, v_neg
+        # v_c_adv: the original model's v(x_a, c), what the inner loop makes the erased model reproduce
+        x_adv, v_c_adv, v_neg_adv = x_t, (v_c if adversarial is not None else None), v_neg
+        del v_c
         if adversarial is not None:
-            v_c_adv, v_anchor_adv = v_c, v_anchor
+            v_anchor_adv = v_anchor
             if adversarial.x_t is not None:  # the adversarial term's own latents: the original model there too
-                x_adv = adversarial.x_t
+                x_adv, v_c_adv = adversarial.x_t, None  # (the step's own v_c is in v_neg already)
                 v_c_adv = velocity(transformer, x_adv, t, c, extras)
                 v_anchor_adv = velocity(transformer, x_adv, t, c_pre if anchored else empty, extras).float()
             if adversarial.x_t is not None or loss_cfg.adversarial.eta is not None:
                 adv_eta = eta if loss_cfg.adversarial.eta is None else loss_cfg.adversarial.eta
                 v_neg_adv = v_anchor_adv - adv_eta * (v_c_adv.float() - v_anchor_adv)
             del v_anchor_adv
-        del v_c
         v_pre = None
         if loss_cfg.beta > 0:
             v_pre = (v_anchor if anchored else velocity(transformer, x_t, t, c_pre, extras)).float()
@@ -654,14 +656,16 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
     attack = None
     if attacking:
-        # The adversarial term's latents: the original model's samples noised at the step's t (own noise), as the
-        # attack draws them. Under attack the concept comes back into x_t, a state the erased model's own trajectory
-        # never reaches; the unlearning and preservation terms keep the sampling mode's x_t, the states generation
-        # visits (measured in the toy world: one x_t for all terms cost the red prompts' shape and motion).
-        x_adv = noise_at(session.transformers[0], session.scheduler, session.x0[drawn], t_global, session.generator,
-                         config.sampling.num_inference_steps)
-        attack = AdversarialPrompts(session.inner, session.adversarial_vectors[index].to(device),
-                                    x_t=x_adv[mine].to(device, session.dtype))
+        attack = AdversarialPrompts(session.inner, session.adversarial_vectors[index].to(device))
+        if config.sampling.mode != "renoise":
+            # The adversarial term's latents: the original model's samples noised at the step's t (own noise), the
+            # kind of state the attack works on. Under attack the concept comes back into x_t, a state the erased
+            # model's own trajectory never reaches; the unlearning and preservation terms keep the trajectory's x_t,
+            # the states generation visits (measured in the toy world: one x_t for all terms cost the red prompts'
+            # shape and motion). A renoise step's x_t is already such a state: the term shares it.
+            x_adv = noise_at(session.transformers[0], session.scheduler, session.x0[drawn], t_global,
+                             session.generator, config.sampling.num_inference_steps)
+            attack.x_t = x_adv[mine].to(device, session.dtype)
     batch = StepInputs(x_t.to(device, session.dtype), t.to(device), c, c_pre=c_pre,
                        empty=text.empty.expand_as(c).to(device), concept_tokens=text.concept_tokens[index],
                        extras=session.extras, frames=session.frames,

@@ -72,32 +72,40 @@ def test_attack_on_the_model_it_imitates_starts_at_zero_loss():
     assert losses[0].item() < 1e-15  # fp64; the prediction's mean square is ~1
 
 
-@pytest.mark.parametrize("own_latents", [False, True], ids=["step-latents", "own-latents"])
-@pytest.mark.parametrize("adversarial_eta", [None, 0.0], ids=["step-eta", "own-eta"])
-def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors(adversarial_eta, own_latents):
+@pytest.mark.parametrize("adversarial_eta, own_latents, anchor, step_eta", [
+    (None, False, "preservation", 2.0), (0.0, False, "preservation", 2.0), (None, True, "preservation", 2.0),
+    (0.0, True, "preservation", 2.0), (None, True, "empty", (2.0, 3.0))],
+    ids=["step-eta", "own-eta", "own-latents", "own-latents-own-eta", "own-latents-empty-anchor-eta-per-sample"])
+def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vectors(adversarial_eta, own_latents,
+                                                                                    anchor, step_eta):
     """fp64 model (v_neg in fp32, as the step makes it): the adversarial step's adapter gradients = the plain step's
     + weight x the gradient of ‖v_θ'(x_a, [c; s]) − v_neg(x_a)‖² with s from the same inner loop (which itself
-    leaves no gradient behind) run at x_a too; x_a = `adversarial.x_t` when given (the training loop's: the
-    original model's samples noised at the step's t), else the step's x_t; v_neg with loss.adversarial.eta when it
-    is set, else the step's eta. The plain terms stay at the step's x_t."""
+    leaves no gradient behind) run at x_a too; x_a = `adversarial.x_t` when given (trajectory runs: the original
+    model's samples noised at the step's t), else the step's x_t; v_neg from the step's anchor, with
+    loss.adversarial.eta when it is set, else the step's eta (one per sample here in the last case). The plain
+    terms stay at the step's x_t."""
     transformer, erasers, x_t, t, c, empty, c_pre = _tiny()
     x_a = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=x_t.dtype) if own_latents else x_t
     spec = AdversarialConfig(every=1, tokens=2, inner_steps=5, weight=0.7, lr=0.1, eta=adversarial_eta)
-    loss = LossConfig(eta=2.0, alpha=0.0, beta=0.5, anchor="preservation", adversarial=spec)
+    loss = LossConfig(eta=2.0, alpha=0.0, beta=0.5, anchor=anchor, adversarial=spec)
+    per_sample = torch.tensor(step_eta) if isinstance(step_eta, tuple) else None
     attack = AdversarialPrompts(SoftPrompt(2, 5, 0.1), start=c[:, 5:] + 0.1,  # as if a visit before moved them
                                 x_t=x_a if own_latents else None)
     terms = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3,
-                                                                        adversarial=attack), loss)
+                                                                        eta=per_sample, adversarial=attack), loss)
     got = [p.grad.clone() for p in erasers.parameters()]
 
     erasers.zero_grad(set_to_none=True)
-    plain = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3), loss)
+    plain = eraser_losses_backward(transformer, erasers, StepInputs(x_t, t, c, empty, c_pre, None, None, 3,
+                                                                        eta=per_sample), loss)
     with torch.no_grad(), erasers_disabled(transformer):
-        v_c, v_pre = velocity(transformer, x_a, t, c, None), velocity(transformer, x_a, t, c_pre, None)
+        v_c = velocity(transformer, x_a, t, c, None)
+        v_anchor = velocity(transformer, x_a, t, c_pre if anchor == "preservation" else empty, None)
     soft, _ = learn_soft_prompt(transformer, c, SoftPrompt(2, 5, 0.1), lambda i: (x_a, t, v_c), start=c[:, 5:] + 0.1)
     assert torch.equal(attack.learned, soft)
-    eta = loss.eta if adversarial_eta is None else adversarial_eta
-    v_neg = v_pre.float() - eta * (v_c.float() - v_pre.float())  # fp32 like the step (η amplifies rounding)
+    eta = adversarial_eta if adversarial_eta is not None else (
+        per_sample.float().view(-1, 1, 1, 1, 1) if per_sample is not None else loss.eta)
+    v_neg = v_anchor.float() - eta * (v_c.float() - v_anchor.float())  # fp32 like the step (η amplifies rounding)
     adv = (velocity(transformer, x_a, t, with_soft_prompt(c, soft), None).float() - v_neg).pow(2).mean()
     (spec.weight * adv).backward()
     for g, p in zip(got, erasers.parameters()):
@@ -109,35 +117,48 @@ def test_adversarial_step_adds_exactly_the_weighted_loss_under_the_learned_vecto
     assert plain["adv"] == 0
 
 
-def test_adversarial_term_draws_the_original_samples_noised_at_the_steps_t(tiny_model, tmp_path):  # noqa: F811
-    """Trajectory sampling + adversarial training: the step's x_t is the erased model's own denoising state, the
-    adversarial term's latents are the cached x0 of the same prompts noised at the same t with fresh noise (DDIM:
-    x_a = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε; the ε read back is standard normal only at the right t and the right x0)."""
+@pytest.mark.parametrize("mode", ["trajectory", "renoise"])
+def test_adversarial_term_draws_the_original_samples_noised_at_the_steps_t(tiny_model, tmp_path, monkeypatch,
+                                                                          mode):  # noqa: F811
+    """Trajectory runs: the step's x_t is the erased model's own denoising state (here a stand-in that draws
+    nothing), the adversarial term's latents are the cached x0 of the same prompts noised at the same t with the
+    next draws of the run's generator (replayed exactly). Renoise runs: the step's x_t is such a state already and
+    the term shares it (no latents of its own, no extra draws)."""
     from lowmem_eraser import runfolder
+    from lowmem_eraser import train as train_module
     from lowmem_eraser.config import load_config
-    from lowmem_eraser.train import draw_batch, setup
+    from lowmem_eraser.sampling import noise_at
 
-    config = load_config(make_config(tiny_model, tmp_path / "run", sampling={"mode": "trajectory"},
+    stand_in = torch.randn(4, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(train_module, "trajectory",
+                        lambda *args, **kwargs: (stand_in.clone(), torch.full((4,), 101, dtype=torch.long)))
+    config = load_config(make_config(tiny_model, tmp_path / "run", sampling={"mode": mode},
                                      loss={"adversarial": {"every": 2, "tokens": 2, "inner_steps": 1}},
                                      train={"batch_size": 4}))
     out = Path(config.output_dir)
     lock = runfolder.prepare(out, False, False)
     try:
         with runfolder.StopSignals() as signals:
-            session = setup(config, False, out, signals)
-            plain, _ = draw_batch(session, 1)
-            batch, index = draw_batch(session, 2)
+            session = train_module.setup(config, False, out, signals)
+            plain, _ = train_module.draw_batch(session, 1)
+            state = session.generator.get_state()
+            batch, index = train_module.draw_batch(session, 2)
     finally:
         lock.release()
     assert plain.adversarial is None and batch.adversarial is not None
-    assert (batch.t == batch.t[0]).all()  # one trajectory step for the batch
-    alpha = session.scheduler.alphas_cumprod[batch.t].double().view(-1, 1, 1, 1, 1)
-    x0 = session.x0[index].double()
-    eps = (batch.adversarial.x_t.double() - alpha.sqrt() * x0) / (1 - alpha).sqrt()
-    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1, (eps.mean(), eps.std())
-    wrong = (batch.adversarial.x_t.double() - alpha.sqrt() * x0.roll(1, 0)) / (1 - alpha).sqrt()
-    assert abs(wrong.std() - 1) > 0.1  # the check tells the prompts' own samples from their batch mates'
-    assert not torch.equal(batch.adversarial.x_t, batch.x_t)
+    if mode == "renoise":
+        assert batch.adversarial.x_t is None
+        return
+    replay = torch.Generator().manual_seed(0)
+    replay.set_state(state)
+    assert torch.equal(train_module.draw_pairs(session.sizes, 4, replay), index)
+    expected = noise_at(session.transformers[0], session.scheduler, session.x0[index], batch.t, replay,
+                        config.sampling.num_inference_steps)
+    assert torch.equal(batch.x_t, stand_in) and (batch.t == 101).all()
+    assert torch.equal(batch.adversarial.x_t, expected)
+    alpha = session.scheduler.alphas_cumprod[101].double()  # DDIM: x_a = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε
+    eps = (expected.double() - alpha.sqrt() * session.x0[index].double()) / (1 - alpha).sqrt()
+    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1
 
 
 def test_adversarial_config_ranges_name_the_field(tiny_model, tmp_path):  # noqa: F811

@@ -18,6 +18,7 @@ import yaml
 
 from lowmem_eraser import erasers_disabled, load_erasers
 from lowmem_eraser.cli import main as cli_main
+from lowmem_eraser.errors import TrainingError
 from lowmem_eraser.families import HUNYUAN_VIDEO, WAN
 from lowmem_eraser.sampling import renoise
 from lowmem_eraser.tiny import build_tiny_hunyuan, build_tiny_wan
@@ -441,32 +442,73 @@ def test_infer_on_wan22_a14b_loads_each_experts_erasers(a14b_model, tmp_path):
     assert np.array_equal(video[:, :64], video[:, -64:])  # strength 0 on both experts: the base model
 
 
-@pytest.mark.parametrize("model, sampling", [("Wan", "trajectory"), ("A14B", "renoise")])
-def test_adversarial_training_noises_the_original_samples_at_the_steps_timesteps(models, a14b_model, model, sampling,
-                                                                                  tmp_path, monkeypatch):
-    """The adversarial term's latents are the cached x0 noised at the step's own t on the family's grid: Wan
-    along a trajectory (its t is one of the pipeline's timesteps, which the flow scheduler's noising looks up),
-    Wan2.2 A14B with each expert's samples split out of a mixed batch together with their latents."""
+@pytest.mark.parametrize("model, sampling", [("Wan", "trajectory"), ("A14B", "trajectory"), ("A14B", "renoise")])
+def test_adversarial_training_on_wan_noises_at_the_steps_timesteps_and_splits_with_the_experts(
+        models, a14b_model, model, sampling, tmp_path, monkeypatch):
+    """Wan with UniPC (its published scheduler) along a trajectory: the adversarial latents are made at the step's
+    t, which must be a point of the grid the flow noising looks up (off the grid is an error: test below); Wan2.2
+    A14B: a renoise batch mixing both experts' timesteps reaches each expert in parts, each sample with its own
+    adversarial latents (matched row by row against the whole batch's)."""
     from lowmem_eraser import train as train_module
 
-    seen = []
-    real = train_module.eraser_losses_backward
+    drawn, parts = [], []
+    real_draw, real_step = train_module.draw_batch, train_module.eraser_losses_backward
 
-    def recording(transformer, erasers, batch, *args, **kwargs):
-        if batch.adversarial is not None:
-            seen.append((batch.t.tolist(), tuple(batch.adversarial.x_t.shape), tuple(batch.x_t.shape)))
-        return real(transformer, erasers, batch, *args, **kwargs)
+    def recording_draw(session, step):
+        batch, index = real_draw(session, step)
+        drawn.append(batch)
+        return batch, index
 
-    monkeypatch.setattr(train_module, "eraser_losses_backward", recording)
-    root = models("Wan") if model == "Wan" else a14b_model
+    def recording_step(transformer, erasers, batch, *args, **kwargs):
+        parts.append((len(drawn) - 1, batch))
+        return real_step(transformer, erasers, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "draw_batch", recording_draw)
+    monkeypatch.setattr(train_module, "eraser_losses_backward", recording_step)
+    root = a14b_model
+    if model == "Wan":
+        import shutil
+
+        import diffusers
+
+        root = tmp_path / "wan"
+        shutil.copytree(models("Wan"), root)
+        shutil.rmtree(root / "model" / "scheduler")
+        diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          flow_shift=3.0).save_pretrained(root / "model" / "scheduler")
     config = make_config(root, tmp_path / "run", sampling={"mode": sampling},
                          loss={"adversarial": {"every": 1, "tokens": 2, "inner_steps": 1}},
                          train={"steps": 4, "batch_size": 2})
     assert cli_main(["train", "--config", str(config)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["adv"] > 0 and np.isfinite(row["loss"]) for row in rows)
-    assert all(adv == plain for _, adv, plain in seen)
-    if model == "A14B":  # a mixed batch goes to the experts in parts, each with its own samples' latents
-        assert len(seen) > len(rows)
-    else:
-        assert len(seen) == len(rows) and all(len(set(t)) == 1 for t, _, _ in seen)
+    assert len(rows) == 4 and all(row["adv"] > 0 and np.isfinite(row["loss"]) for row in rows)
+    own = sampling == "trajectory"
+    for step, part in parts:
+        whole = drawn[step]
+        assert (part.adversarial.x_t is not None) == own
+        for i in range(part.x_t.shape[0]):  # each sample keeps its own latents through the split
+            j = next(j for j in range(whole.x_t.shape[0]) if torch.equal(whole.x_t[j], part.x_t[i]))
+            assert part.t[i] == whole.t[j]
+            if own:
+                assert torch.equal(part.adversarial.x_t[i], whole.adversarial.x_t[j])
+    if model == "A14B" and sampling == "renoise":
+        assert len(parts) > len(rows)  # some batch went to both experts in parts
+
+
+def test_flow_noising_refuses_a_timestep_off_the_inference_grid(wan_model):
+    """UniPC's add_noise would take the grid's last σ for a timestep it does not hold, without a word."""
+    import diffusers
+    from diffusers import WanTransformer3DModel
+
+    from lowmem_eraser.sampling import noise_at
+
+    transformer = WanTransformer3DModel.from_pretrained(wan_model / "model" / "transformer")
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    grid = type(scheduler).from_config(scheduler.config)
+    grid.set_timesteps(10)
+    x0 = torch.zeros(2, 4, 3, 8, 8)
+    on = noise_at(transformer, scheduler, x0, grid.timesteps[[2, 5]], torch.Generator().manual_seed(0), 10)
+    assert on.abs().sum() > 0
+    with pytest.raises(TrainingError, match=r"timesteps \[\d+\] are not on the 10-step inference grid"):
+        noise_at(transformer, scheduler, x0, torch.tensor([grid.timesteps[2] + 1] * 2), torch.Generator(), 10)

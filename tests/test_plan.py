@@ -98,13 +98,19 @@ def test_adversarial_training_peak_is_planned_from_one_more_pass(checkpointing):
                                        replace(inputs, adversarial=AdversarialPrompts(
                                            SoftPrompt(2, 3), x_t=torch.randn_like(inputs.x_t))), loss)
     assert terms["adv"] > 0
-    predictor = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32)
+    predictor = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32, sampling="trajectory")
     plain = Predictor(TINY_COGVIDEOX, video, rank=8, loss=LOSS, dtype=torch.float32)
+    renoise = Predictor(TINY_COGVIDEOX, video, rank=8, loss=loss, dtype=torch.float32)
     error = predictor.predict(setting).step_peak / tracker.peak_bytes - 1
     assert abs(error) <= 0.05, error
-    # the step time counts (1 + 3 inner) student passes every 2 steps on top of the plain step's 2, and the
-    # original model's 2 predictions at the adversarial latents every 2 steps on top of its 2
+    # the step time counts (1 + 3 inner) student passes every 2 steps on top of the plain step's 2, and in
+    # trajectory runs the original model's 2 predictions at the adversarial latents every 2 steps on top of its 2
     assert predictor._passes(setting)[:2] == (plain._passes(setting)[0] + 1, plain._passes(setting)[1] + 2)
+    assert renoise._passes(setting)[:2] == (plain._passes(setting)[0], plain._passes(setting)[1] + 2)
+    # the inputs a step holds: the adversarial latents (trajectory only) and the vectors' starts, fp32
+    start_bytes = 1 * 2 * TINY_COGVIDEOX["text_embed_dim"] * 4
+    assert renoise.predict(setting).inputs == plain.predict(setting).inputs + start_bytes
+    assert predictor.predict(setting).inputs == renoise.predict(setting).inputs + inputs.x_t.nbytes
     assert predictor.step_seconds(setting, Speeds()) > plain.step_seconds(setting, Speeds())
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import TrainingError
+
 
 class Runtime:
     pipeline_class: str  # diffusers pipeline: sampling from precomputed embeddings, `infer`
@@ -158,6 +160,9 @@ class Runtime:
         """x0 noised by the scheduler's forward process at timesteps t [B] of the inference grid (`grid`: that
         grid, already made), x_t = (1 − σ)·x0 + σ·ε with ε drawn from `generator`."""
         grid = self.inference_grid(scheduler, num_inference_steps) if grid is None else grid
+        if not torch.isin(t, grid.timesteps).all():  # UniPC's add_noise would take the last σ for it, silently
+            raise TrainingError(f"timesteps {sorted(set(t.tolist()))} are not on the {num_inference_steps}-step "
+                                f"inference grid of {type(grid).__name__}")
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         if hasattr(grid, "scale_noise"):  # FlowMatchEulerDiscreteScheduler
             return grid.scale_noise(x0, t, noise)

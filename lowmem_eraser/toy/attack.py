@@ -66,7 +66,7 @@ def evaluate_attack(model: str | Path, eraser: str | Path, concepts: list[str], 
             generator = torch.Generator().manual_seed(seed)
 
             def batch(i):
-                x_t, t = renoise(transformer, scheduler, targets, generator, steps)  # as training draws them
+                x_t, t = renoise(transformer, scheduler, targets, generator, steps)  # as renoise training draws them
                 x_t, t = x_t.to(device, dtype), t.to(device)
                 with torch.no_grad(), erasers_disabled(transformer):
                     return x_t, t, runtime_of(transformer).velocity(transformer, x_t, t, text, None)
