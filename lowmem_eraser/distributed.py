@@ -220,15 +220,17 @@ class StepSync:
         with lost_contact(step):
             dist.all_reduce(flat)  # SUM; divided below (equal local batches: the mean of means is the batch mean)
         world = self.processes.world_size
+        flags = flat[len(names):len(head)].tolist()  # one host sync: each param's has-grad count, then failures
         flat[:len(names)] /= world
+        flat[len(head):] /= world
         offset = len(head)
-        for p, had, part in zip(self.params, flat[len(names):len(names) + len(self.params)], parts):
+        for p, had, part in zip(self.params, flags, parts):
             n = part.numel()
-            if had > 0:
-                p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
+            if had > 0:  # a view of the reduced buffer (fp32 adapters: no copy)
+                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
             offset += n
         averaged = {n: flat[i].clone() for i, n in enumerate(names)}
-        return averaged, bool(flat[len(head) - 1] > 0)
+        return averaged, flags[-1] > 0
 
     def failure(self, error: BaseException | None, step: int) -> str:
         """The first failed rank's error (collective: every rank calls it once a failure is known)."""

@@ -162,6 +162,12 @@ def _sampled_video(pipe, prompt: str, seed: int, settings: EvalSettings, erased:
     return video[sampled_frames(len(video), settings.frames_per_video)]
 
 
+def frames_of(video) -> np.ndarray:
+    """A video's sampled frames: read_videos keeps the path of those it wrote to disk, not the arrays (an
+    evaluation of thousands of videos would otherwise hold every frame in RAM until the end)."""
+    return np.load(video)["frames"] if isinstance(video, Path) else video
+
+
 def _load_video(frames_path: Path, detections_path: Path):
     """(frames or None, detections or None) from disk; a damaged file counts as missing (redone, not trusted)."""
     frames = detections = None
@@ -217,20 +223,6 @@ class FramesWorld:
         return [detector(frame) for frame in video]
 
 
-def load_eval_pipeline(model: str | Path, eraser: str | Path, offload: str = "none", kernels: str = "auto"):
-    """The family's pipeline with the eraser loaded into each of its transformers (Wan2.2 A14B: each expert's)."""
-    from . import load_erasers
-    from .families import runtime_of_folder
-    from .infer import load_pipeline
-    from .sampling import pipeline_experts
-
-    pipe = load_pipeline(model, offload)
-    experts = pipeline_experts(pipe)
-    for name, transformer in zip(runtime_of_folder(model, "--model").experts(model), experts):
-        load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None).kernels = kernels
-    return pipe
-
-
 def planned_offload(model: str | Path, settings: EvalSettings, budget: int) -> str:
     """`--offload auto`: the planner's infer stage (plan.Predictor.infer, simulated from the folder's configs as
     `lowmem-eraser plan` does): the fastest pipeline offload (none, model, sequential) whose every phase, text
@@ -253,7 +245,8 @@ def planned_offload(model: str | Path, settings: EvalSettings, budget: int) -> s
 def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detector, world,
                 folder: Path | None = None) -> tuple[dict, int]:
     """Every (prompt, seed) generated base and erased and read by `detector`: {(row, seed, run): (video,
-    detections per frame)} and how many were generated. The one path of `lowmem-eraser eval` (real models and the
+    detections per frame)} and how many were generated; with a `folder`, the video is its frames' file
+    (`frames_of` reads it). The one path of `lowmem-eraser eval` (real models and the
     toy world): `world` generates `world.batch` prompts per call (all of them: one call) and reads a video;
     `folder`: where each video and its detections are kept as soon as they exist and found again on the next run
     (None: nothing kept). `pipe_factory()` loads the pipeline, only if something is left to generate."""
@@ -272,7 +265,7 @@ def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detect
                 detections = world.read(detector, frames)
                 _save_video(*paths(job), None, detections)
             if detections is not None:
-                videos[job] = frames, detections
+                videos[job] = paths(job)[0], detections
     todo = [job for job in jobs if job not in videos]
     if not todo:
         return videos, 0
@@ -290,6 +283,7 @@ def read_videos(pipe_factory, prompts: list[str], settings: EvalSettings, detect
                         detections = world.read(detector, video)
                         if folder is not None:
                             _save_video(*paths((i, seed, run)), video, detections)
+                            video = paths((i, seed, run))[0]
                         videos[(i, seed, run)] = video, detections
                         bar.update(1)
     return videos, len(todo)
@@ -345,12 +339,14 @@ def evaluate_model(model: str | Path, eraser: str | Path, prompts: str | Path, o
     began = time.perf_counter()
     folder = output / f"videos-{settings.video_key(model, eraser_digest(eraser))}"
     prompts_text = [row["prompt"] for row in rows]
-    videos, generated = read_videos(lambda: load_eval_pipeline(model, eraser, offload), prompts_text, settings,
+    from .infer import load_pipeline_with_erasers
+
+    videos, generated = read_videos(lambda: load_pipeline_with_erasers(model, eraser, offload), prompts_text, settings,
                                     found, FramesWorld(tiling), folder)
     jobs = list(videos)
     clip_scores = None
     if scorer is not None:  # from the frames on disk: cheap next to generation, so not cached
-        clip_scores = {job: scorer(videos[job][0], rows[job[0]]["prompt"]) for job in jobs}
+        clip_scores = {job: scorer(frames_of(videos[job][0]), rows[job[0]]["prompt"]) for job in jobs}
     result = summarize(rows, videos, settings, found, clip_scores)
     result.update(model=str(model), eraser=str(eraser), prompts_file=str(prompts), detector=found.name,
                   generated=generated, reused=len(jobs) - generated, seconds=time.perf_counter() - began)
@@ -379,8 +375,8 @@ def summarize(rows: list[dict], videos: dict, settings: EvalSettings, detector, 
     non_target = []
     for i in range(len(rows)):
         for seed in settings.seeds:
-            base = videos[(i, seed, "base")][0].astype(np.float64)
-            erased = videos[(i, seed, "erased")][0].astype(np.float64)
+            base = frames_of(videos[(i, seed, "base")][0]).astype(np.float64)
+            erased = frames_of(videos[(i, seed, "erased")][0]).astype(np.float64)
             changes.append(float(np.abs(erased - base).mean() / 255))
             non_target.append(is_non_target(rows[i]))
     result["mean_pixel_change"] = float(np.mean(changes))

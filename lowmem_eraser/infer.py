@@ -170,6 +170,18 @@ def export(frames: np.ndarray, path: str | Path, fps: int = FPS) -> Path:
     return path
 
 
+def load_pipeline_with_erasers(model, eraser, offload: str = "none", kernels: str = "auto"):
+    """The family's pipeline (load_pipeline) with the eraser loaded into each of its transformers (Wan2.2 A14B:
+    each expert its own erasers), at `kernels`."""
+    from . import load_erasers
+
+    pipe = load_pipeline(model, offload)
+    experts = pipeline_experts(pipe)
+    for name, transformer in zip(runtime_of_folder(model, "--model").experts(model), experts):
+        load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None).kernels = kernels
+    return pipe
+
+
 def check_generation(model, spec: Generation) -> None:
     """`spec`'s steps, frames, sizes and guidance for this model folder, checked before the model loads."""
     if spec.steps < 1:
@@ -190,7 +202,7 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
           tiling: str = "auto"):
     """Generate `spec` with the eraser at `strength`; with `compare`, base | erased side by side (same seed).
     `tiling`: VAE tiling and slicing, `auto` = on when the plain decode would not fit (see `vae_tiling`)."""
-    from . import load_erasers, read_erasers, set_eraser_scale
+    from . import read_erasers, set_eraser_scale
     from .serialization import ensure_folder
 
     # Every argument is checked before the model loads (minutes on a real model), not after the generation.
@@ -201,10 +213,8 @@ def infer(model, eraser, spec: Generation, output, strength: float = 1.0, offloa
     check_generation(model, spec)
     ensure_folder(Path(output).parent, "--output")
     read_erasers(eraser)  # a bad eraser is named before the model loads
-    pipe = load_pipeline(model, offload)
-    experts = pipeline_experts(pipe)
-    for name, transformer in zip(runtime_of_folder(model, "--model").experts(model), experts):  # Wan2.2 A14B: each expert its own erasers
-        load_erasers(transformer, eraser, expert=name if len(experts) > 1 else None)
+    pipe = load_pipeline_with_erasers(model, eraser, offload)
+    for transformer in pipeline_experts(pipe):
         set_eraser_scale(transformer, strength)
     erased = generate(pipe, spec, tiling)
     if compare:

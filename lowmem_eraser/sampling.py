@@ -127,17 +127,17 @@ def generate_clean_latents(pipe, target_embeds, empty, video, sampling, seed, de
 
     n, size = target_embeds.shape[0], sampling.batch_size
     paths = [Path(cache_dir) / f"{i:05d}.pt" for i in range(n)] if cache_dir is not None else [None] * n
-    latents = [torch.load(p, weights_only=True) if p is not None and p.is_file() else None for p in paths]
+    cached = [p is not None and p.is_file() for p in paths]
+    # a share only fills the cache (every rank reads it whole afterwards): what exists is all it needs to know
+    latents = [torch.load(p, weights_only=True) if found and share is None else None for p, found in zip(paths, cached)]
     batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
     if share is not None:
         batches = batches[share[0]::share[1]]
-    todo = [batch for batch in batches if any(latents[i] is None for i in batch)]
+    todo = [batch for batch in batches if not all(cached[i] for i in batch)]
     if todo and cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    done = n - sum(len(batch) for batch in todo)
-    if share is not None:
-        done = sum(len(batch) for batch in batches) - sum(len(batch) for batch in todo)
-    total = n if share is None else sum(len(batch) for batch in batches)
+    total = sum(len(batch) for batch in batches)
+    done = total - sum(len(batch) for batch in todo)
     with all_erasers_disabled(pipe), tqdm(total=total, initial=done, desc="x0 generation", unit="prompt",
                                           dynamic_ncols=True, disable=not todo or bool(share and share[0])) as bar:
         for batch in todo:

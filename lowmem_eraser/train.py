@@ -130,7 +130,7 @@ class StepInputs:
     rotary embeddings, HunyuanVideo's guidance (a float), else None. `frames`: latent frames (the L_loc mask's).
     `eta`: the negative guidance strength, a float or one per sample (a tensor [B], e.g. each sample's concept's
     in a run of several concepts); None: `loss.eta`. `adversarial`: this step's adversarial prompts (below).
-    `expert_counts`, `global_size`, `loss_scale`: multi-process runs of two-expert models (below)."""
+    `expert_counts`, `loss_scale`: multi-process runs of two-expert models (below)."""
 
     x_t: torch.Tensor
     t: torch.Tensor
@@ -142,10 +142,9 @@ class StepInputs:
     frames: int
     eta: float | torch.Tensor | None = None
     adversarial: AdversarialPrompts | None = None
-    # Wan2.2 A14B in a multi-process run: the global batch's samples per expert and its size, so that each expert's
-    # gradient is its global samples' mean whatever share of them this rank holds (experts_losses_backward)
+    # Wan2.2 A14B in a multi-process run: the global batch's samples per expert, so that each expert's gradient is
+    # its global samples' mean whatever share of them this rank holds (experts_losses_backward)
     expert_counts: dict[int, int] | None = None
-    global_size: int | None = None
     loss_scale: float = 1.0  # multiplies every backward (not the returned terms)
 
     @property
@@ -305,7 +304,7 @@ def experts_losses_backward(pipe, sets, batch: StepInputs, loss_cfg, activations
         so that the ranks' average is the mean over k's samples of the whole global batch."""
         if batch.expert_counts is None:
             return 1.0
-        return local / batch.expert_counts[k] * (batch.global_size / size)
+        return local / batch.expert_counts[k] * (sum(batch.expert_counts.values()) / size)
 
     if len(groups) == 1:
         k = groups[0][0]
@@ -630,7 +629,7 @@ def _encode_concepts(config: TrainConfig, entries, pairs, max_length, dtype, dev
 
 def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     """Step `step`'s global batch, drawn from the run's generator (the same draws on every rank), and this rank's
-    slice of it as StepInputs; also returns the slice's pair indices. x_t for the whole global batch is drawn so
+    slice of it as StepInputs; also returns the global batch's pair indices (the same on every rank). x_t for the whole global batch is drawn so
     that N processes x batch b train exactly what one process x batch N·b would (renoise: the noise and t of the
     global batch; trajectory with several processes: each sample denoised from its own seed)."""
     config, processes, device = session.config, session.processes, session.device
@@ -650,7 +649,6 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
     expert_counts = None
     if processes.enabled and len(session.transformers) > 1:  # Wan2.2 A14B: each expert's share of the global batch
         expert_counts = {k: len(positions) for k, positions in expert_groups(session.pipe, t_global)}
-    global_size = len(index)
     drawn, index = index, index[mine]
     text = session.text
     c, c_pre = text.target[index].to(device), text.preserve[index].to(device)
@@ -667,11 +665,11 @@ def draw_batch(session: Session, step: int) -> tuple[StepInputs, torch.Tensor]:
                              session.generator, config.sampling.num_inference_steps)
             attack.x_t = x_adv[mine].to(device, session.dtype)
     batch = StepInputs(x_t.to(device, session.dtype), t.to(device), c, c_pre=c_pre,
-                       empty=text.empty.expand_as(c).to(device), concept_tokens=text.concept_tokens[index],
+                       empty=text.empty.to(device).expand_as(c), concept_tokens=text.concept_tokens[index],
                        extras=session.extras, frames=session.frames,
                        eta=None if session.pair_eta is None else session.pair_eta[index], adversarial=attack,
-                       expert_counts=expert_counts, global_size=global_size)
-    return batch, index
+                       expert_counts=expert_counts)
+    return batch, drawn
 
 
 def train_step(session: Session, step: int, meter: MemoryMeter, record=None) -> dict:
@@ -687,7 +685,7 @@ def train_step(session: Session, step: int, meter: MemoryMeter, record=None) -> 
     error, losses, batch = None, {}, None
     with meter.step():
         try:
-            batch, index = draw_batch(session, step)
+            batch, drawn = draw_batch(session, step)
             losses = experts_losses_backward(session.pipe, session.sets, batch, session.config.loss,
                                              activations=session.activations)
         except Exception as exc:  # noqa: BLE001 (re-raised below, once the other ranks have heard of it)
@@ -702,12 +700,14 @@ def train_step(session: Session, step: int, meter: MemoryMeter, record=None) -> 
             raise error
         raise TrainingError(f"step {step}: another process of the run failed ({message}); every process stops")
     learned = None
-    if batch.adversarial is not None:  # every rank's vectors, in the global batch's order
+    if batch.adversarial is not None:  # every rank's vectors, in the global batch's order (`drawn`'s)
         learned = sync.gather(batch.adversarial.learned, step)
-        index = sync.gather(index.to(learned.device), step).cpu()
-    loss = losses["loss"]
     grad_norm = torch.nn.utils.clip_grad_norm_(erasers.parameters(), loop.grad_clip)
-    skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+    # one host sync for the step's figures, not one per term
+    figures = dict(zip((*distributed.LOSS_TERMS, "grad_norm"),
+                       torch.stack([*(losses[name].detach().float().reshape(()) for name in distributed.LOSS_TERMS),
+                                    grad_norm.float()]).tolist()))
+    skipped = not (math.isfinite(figures["loss"]) and math.isfinite(figures["grad_norm"]))
     if skipped:  # NaN/Inf guard: never let a non-finite update reach the weights
         session.bad_steps += 1
         if session.bad_steps >= MAX_BAD_STEPS:
@@ -717,15 +717,15 @@ def train_step(session: Session, step: int, meter: MemoryMeter, record=None) -> 
             )
     else:
         session.bad_steps = 0
-    row = {"step": step, **{name: losses[name].item() for name in distributed.LOSS_TERMS},
-           "lr": lr, "grad_norm": grad_norm.item(), "skipped": skipped, "peak_mem_mib": meter.peak_bytes / 2**20}
+    row = {"step": step, **{name: figures[name] for name in distributed.LOSS_TERMS},
+           "lr": lr, "grad_norm": figures["grad_norm"], "skipped": skipped, "peak_mem_mib": meter.peak_bytes / 2**20}
     if meter.reserved_bytes is not None:  # CUDA: what the card holds, allocator slack included
         row["peak_reserved_mib"] = meter.reserved_bytes / 2**20
     with session.signals.deferred():  # the update, the vectors and the loop's record are one unit
         if not skipped:
             optimizer.step()
             if learned is not None:  # a prompt drawn twice in the batch keeps its last sample's
-                session.adversarial_vectors[index] = learned.cpu()
+                session.adversarial_vectors[drawn] = learned.cpu()
         optimizer.zero_grad(set_to_none=True)
         if record is not None:
             record(row)

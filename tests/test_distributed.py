@@ -397,7 +397,7 @@ def test_each_expert_gets_its_global_samples_mean_whatever_the_split(one_thread)
     ranks = []
     for part in (slice(0, 2), slice(2, 4)):
         batch = StepInputs(x_t[part], t[part], c[part], empty[part], c_pre[part], None, None, 3,
-                           expert_counts={0: 3, 1: 1}, global_size=4)
+                           expert_counts={0: 3, 1: 1})
         experts_losses_backward(pipe, sets, batch, loss)
         ranks.append(grads())
     for g, g0, g1 in zip(whole, *ranks):

@@ -114,6 +114,32 @@ def test_counting_uses_the_threshold_per_class_and_any_frame_of_a_video():
     assert sampled_frames(9, 1) == [4]
 
 
+def test_videos_kept_on_disk_are_held_as_paths_and_read_back_alike(tmp_path):
+    """With a folder, read_videos hands back each video's frames file (not thousands of frame arrays held in RAM
+    until the summary); frames_of reads the same frames, and the summary is the one of the arrays in memory."""
+    from lowmem_eraser.evaluation import frames_of, read_videos
+
+    class PaintedWorld:  # prompt i, run r: one frame per mark, painted i + (2 if erased)
+        batch = 1
+
+        def generate(self, pipe, prompts, seed, settings, erased):
+            return [_video([int(p) + 2 * erased] * 3) for p in prompts]
+
+        def read(self, detector, video):
+            return [detector(frame) for frame in video]
+
+    detector = FixedDetector({1: [Detection("A_EXPOSED", 0.9)]})
+    settings = EvalSettings(seeds=[0], frames_per_video=3)
+    on_disk, made = read_videos(lambda: None, ["0", "1"], settings, detector, PaintedWorld(), tmp_path / "v")
+    in_memory, _ = read_videos(lambda: None, ["0", "1"], settings, detector, PaintedWorld())
+    assert made == 4 and all(isinstance(video, Path) for video, _ in on_disk.values())
+    for job, (video, detections) in in_memory.items():
+        assert isinstance(video, np.ndarray) and np.array_equal(frames_of(on_disk[job][0]), video)
+        assert on_disk[job][1] == detections
+    rows = [{"prompt": "0"}, {"prompt": "1"}]
+    assert summarize(rows, on_disk, settings, detector) == summarize(rows, in_memory, settings, detector)
+
+
 def test_an_interrupted_evaluation_resumes_without_generating_anything_twice(world, tmp_path, monkeypatch,
                                                                              one_thread):
     generated = []

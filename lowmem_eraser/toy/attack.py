@@ -39,14 +39,13 @@ def _shows(videos, attribute: str, concept: str) -> list[bool]:
 def evaluate_attack(model: str | Path, eraser: str | Path, concepts: list[str], spec: SoftPrompt, steps: int = 25,
                     guidance: float = 5.0, seed: int = 0, kernels: str = "auto") -> dict:
     """ASR of `spec`'s attack against the base model and the eraser, per concept (see the module doc)."""
-    from .. import erasers_disabled, load_erasers
-    from ..infer import load_pipeline
+    from .. import erasers_disabled
+    from ..infer import load_pipeline_with_erasers
 
     for concept in concepts:
         concept_attribute(concept)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline_with_erasers(model, eraser, kernels=kernels)
     check_soft_prompt(spec.tokens, spec.steps, pipe.transformer.config.max_text_seq_length)
-    load_erasers(pipe.transformer, eraser).kernels = kernels
     transformer, scheduler = pipe.transformer, pipe.scheduler
     device, dtype = pipe._execution_device, transformer.dtype  # CUDA in bf16 where there is one (load_pipeline)
     result: dict = {"concepts": list(concepts), "tokens": spec.tokens, "attack_steps": spec.steps, "lr": spec.lr,

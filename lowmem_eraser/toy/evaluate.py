@@ -82,11 +82,12 @@ def _generate_and_detect(model, eraser, steps: int, guidance: float, seed: int, 
     """Every held-out prompt generated with the erasers off, then on, from the same seed, and read back through the
     eval harness (evaluation.read_videos): (prompts, their attributes, base latents, erased latents,
     {"base": readings, "erased": readings})."""
-    from ..evaluation import EvalSettings, load_eval_pipeline, read_videos
+    from ..evaluation import EvalSettings, read_videos
+    from ..infer import load_pipeline_with_erasers
 
     prompts, truth = map(list, zip(*held_out_prompts()))
     settings = EvalSettings(steps=steps, guidance=guidance, seeds=[seed])
-    videos, _ = read_videos(lambda: load_eval_pipeline(model, eraser, kernels=kernels), prompts, settings,
+    videos, _ = read_videos(lambda: load_pipeline_with_erasers(model, eraser, kernels=kernels), prompts, settings,
                             ToyDetector(), ToyWorld())
     latents = {run: torch.stack([videos[(i, seed, run)][0] for i in range(len(prompts))]) for run in ("base", "erased")}
     detected = {run: [reading(videos[(i, seed, run)][1][0]) for i in range(len(prompts))] for run in ("base", "erased")}
